@@ -1,0 +1,161 @@
+"""Console text in the seed formats: turn lines, trajectory summaries, step and eval summaries.
+
+Pure functions from messages to strings; concise by default, more with ``verbose``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kernelrl.core import messages as m
+
+RULE = "─" * 80
+
+
+def _mark(flag: bool) -> str:
+    return "✓" if flag else "✗"
+
+
+def _tail(text: str, lines: int = 6) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def format_turn_line(ev: m.TurnEvent, verbose: bool = False) -> str:
+    r = ev.turn_data.eval_result
+    runtime = f"{r.runtime:.2f}ms" if r.runtime >= 0 else "n/a"
+    line = (
+        f"[Turn {ev.turn_idx + 1}] {ev.instance_id}: Compile:{_mark(r.compiled)} "
+        f"Correct:{_mark(r.correctness)} Runtime:{runtime} Speedup:{r.speedup:.2f}x "
+        f"Reward:{ev.turn_data.reward:.3f}"
+    )
+    if not verbose:
+        return line
+    details = [
+        f"    trajectory={ev.trajectory_id} group={ev.group_id} sample={ev.sample_idx} "
+        f"policy=v{ev.policy_version} return={ev.turn_data.turn_return:.3f}"
+    ]
+    if r.interpreter:
+        details.append("    timings are Triton-interpreter timings (no speedup reward)")
+    if r.error_kind or r.error_message:
+        details.append(f"    error[{r.error_kind or 'unknown'}]:")
+        details.extend("      " + ln for ln in _tail(r.error_message).splitlines())
+    return "\n".join([line, *details])
+
+
+def format_trajectory_summary(ev: m.TrajectoryEvent, verbose: bool = False) -> str:
+    d = ev.execution_details
+    rewards = "[" + ", ".join(f"{x:.3g}" for x in ev.turn_rewards) + "]"
+    lines = [
+        f"=== Final Trajectory Summary for {ev.instance_id} ===",
+        f"Total turns: {ev.num_turns}",
+        f"Turn rewards: {rewards}",
+        f"Aggregated return: {ev.aggregated_return:.4f}",
+        f"Final correctness: {d.final_correctness}",
+        f"Final speedup: {d.final_speedup:.2f}x",
+    ]
+    if verbose:
+        returns = "[" + ", ".join(f"{x:.4f}" for x in ev.turn_returns) + "]"
+        lines += [
+            f"Termination: {ev.termination_reason or 'n/a'}",
+            f"Turn returns: {returns}",
+            f"Policy version: {ev.policy_version}  Trajectory: {ev.trajectory_id}  Group: {ev.group_id}",
+            f"Rollout time: {ev.rollout_time_s:.1f}s",
+        ]
+    return "\n".join(lines)
+
+
+def format_advantage_table(rows: Sequence[Sequence[float]]) -> str:
+    n_turns = max((len(r) for r in rows), default=0)
+    header = "Rollout |" + "".join(f" Turn {t + 1:2d} |" for t in range(n_turns))
+    body = []
+    for i, row in enumerate(rows):
+        cells = "".join(f" {a:+.3f} |" for a in row) + "        |" * (n_turns - len(row))
+        body.append(f"  {i + 1:5d} |{cells}")
+    return "\n".join([RULE, "Turn-by-Turn Advantage Table:", RULE, header, RULE, *body, RULE])
+
+
+def format_step_summary(ev: m.StepSummary, verbose: bool = False) -> str:
+    g = ev.groups
+    total = f"/{ev.total_steps}" if ev.total_steps else ""
+    concise = [
+        f"Step {ev.step}{total}",
+        f"  Groups: {g.groups_kept}/{g.total_groups} kept ({g.groups_filtered} filtered), "
+        f"{g.num_early_exit}/{g.num_rollouts} finished early",
+        f"  loss={ev.loss:.4f} grad_norm={ev.grad_norm:.4f} lr={ev.learning_rate:.2e} policy=v{ev.policy_version}",
+    ]
+    if not verbose:
+        return "\n".join(concise)
+    share = 100.0 * g.trainable_tokens / g.total_tokens if g.total_tokens else 0.0
+    lines = [
+        RULE,
+        f"STEP {ev.step}{total}: BACKPROPAGATION & OPTIMIZATION",
+        RULE,
+        f"✓ Grad norm (clipped): {ev.grad_norm:.4f}",
+        f"✓ Tokens trained: {ev.tokens_trained:,}",
+        f"✓ Total loss: {ev.loss:.4f}",
+        "",
+        "Group Summary:",
+        f"  - Total groups: {g.total_groups}",
+        f"  - Groups kept for training: {g.groups_kept}",
+        f"  - Groups filtered (low variance): {g.groups_filtered}",
+        f"  - Rollouts that finished early (didn't exhaust turns): {g.num_early_exit}/{g.num_rollouts}",
+        f"  - Total rollout time: {g.rollout_time_s:.1f}s",
+        f"  - Total training time: {g.training_time_s:.1f}s",
+        f"  - Total tokens: {g.total_tokens:,}",
+        f"  - Trainable tokens: {g.trainable_tokens:,} ({share:.1f}%)",
+        RULE,
+    ]
+    if g.turn_advantages:
+        lines.append(format_advantage_table(g.turn_advantages))
+    return "\n".join(lines)
+
+
+def format_eval_summary(ev: m.EvalSummary, saved_to: str) -> str:
+    n = ev.total_samples or 1
+    lines = [
+        f"Eval at step {ev.step} (policy v{ev.policy_version}):",
+        f"   Accuracy: {ev.correct_answers}/{ev.total_samples} ({100.0 * ev.accuracy:.1f}%)",
+        f"   Compiled: {ev.compiled}/{ev.total_samples} ({100.0 * ev.compiled / n:.1f}%)",
+        f"   Reward: avg {ev.avg_reward:.3f}  median {ev.median_reward:.3f}  std {ev.std_reward:.3f}",
+        f"   Avg turns (correct): {ev.avg_turns_correct:.2f} turns",
+    ]
+    if ev.fast_p:
+        lines.append("   " + "  ".join(f"fast_{p}: {v:.3f}" for p, v in sorted(ev.fast_p.items())))
+    lines.append(f"Eval stats saved to: {saved_to}")
+    return "\n".join(lines)
+
+
+def summary_line(subject: str, msg: m.Message) -> str:
+    """One line for ``kernelrl tap``."""
+    name = type(msg).__name__
+    match msg:
+        case m.TurnEvent():
+            body = format_turn_line(msg)
+        case m.TrajectoryEvent():
+            body = (
+                f"{msg.instance_id} turns={msg.num_turns} return={msg.aggregated_return:.3f} "
+                f"final_correct={msg.execution_details.final_correctness} reason={msg.termination_reason}"
+            )
+        case m.EvalRequest():
+            size = len(msg.candidate_source)
+            body = f"{msg.eval_id} {msg.problem_id} turn={msg.turn_idx} from={msg.generator_id} ({size} B)"
+        case m.EvalResult():
+            body = (
+                f"{msg.eval_id} {msg.problem_id} compiled={msg.compiled} correct={msg.correctness} "
+                f"speedup={msg.speedup:.2f} error={msg.error_kind or '-'}"
+            )
+        case m.RolloutRequest():
+            body = f"{msg.problem_id} group={msg.group_id} sample={msg.sample_idx}/{msg.n_samples}"
+        case m.StepSummary():
+            body = f"step={msg.step} loss={msg.loss:.4f} policy=v{msg.policy_version}"
+        case m.EvalSummary():
+            body = f"step={msg.step} accuracy={msg.accuracy:.3f} ({msg.correct_answers}/{msg.total_samples})"
+        case m.TrainBatch():
+            body = f"step={msg.step} samples={len(msg.samples)}"
+        case m.PolicyUpdate():
+            body = f"v{msg.version} {msg.path}"
+        case m.Heartbeat():
+            body = f"{msg.role} {msg.actor_id} {msg.state}"
+        case _:
+            body = ""
+    return f"{subject} {name} {body}"

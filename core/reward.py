@@ -1,0 +1,68 @@
+"""Reward maths, as pure functions: per-turn score, discounted returns, early termination, advantages.
+
+``s = w_compile·compiled + w_correct·correct + correct·min(max(speedup − 1, 0), cap)``;
+``R_t = Σ_{i≥t} γ^(i−t)·s_i``; a trajectory's ``aggregated_return`` is ``R_0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import msgspec
+
+
+class RewardConfig(msgspec.Struct, kw_only=True, frozen=True):
+    compile_weight: float = 0.1
+    correct_weight: float = 0.3
+    speedup_cap: float = 2.0
+    gamma: float = 0.4
+    max_turns: int = 3
+    success_score: float = 1.3
+    # Interpreter (CPU) timings are not real timings: they earn no speedup reward.
+    reward_interpreter_speedup: bool = False
+
+
+class TerminationReason:
+    SUCCESS = "success"
+    ALL_FAILED = "all_failed"
+    MAX_TURNS = "max_turns"
+
+
+def turn_score(compiled: bool, correct: bool, speedup: float, config: RewardConfig) -> float:
+    score = config.compile_weight * compiled + config.correct_weight * correct
+    if correct and math.isfinite(speedup):
+        score += min(max(speedup - 1.0, 0.0), config.speedup_cap)
+    return score
+
+
+def discounted_returns(scores: Sequence[float], gamma: float) -> list[float]:
+    returns = [0.0] * len(scores)
+    running = 0.0
+    for t in range(len(scores) - 1, -1, -1):
+        running = scores[t] + gamma * running
+        returns[t] = running
+    return returns
+
+
+def termination_reason(scores: Sequence[float], config: RewardConfig) -> str | None:
+    """Why the dialogue stops after these turns, or None to go on."""
+    if scores and scores[-1] >= config.success_score:
+        return TerminationReason.SUCCESS
+    if len(scores) >= 2 and all(s == 0.0 for s in scores):
+        return TerminationReason.ALL_FAILED
+    if len(scores) >= config.max_turns:
+        return TerminationReason.MAX_TURNS
+    return None
+
+
+def group_advantages(returns: Sequence[float], normalize_std: bool = True, eps: float = 1e-6) -> list[float]:
+    """GRPO advantages: ``(R − mean) / (std + eps)``, or ``R − mean`` with ``normalize_std=False`` (Dr. GRPO)."""
+    if not returns:
+        return []
+    mean = sum(returns) / len(returns)
+    centred = [r - mean for r in returns]
+    if not normalize_std:
+        return centred
+    std = math.sqrt(sum(c * c for c in centred) / len(centred))
+    return [c / (std + eps) for c in centred]
