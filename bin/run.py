@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="where the NATS store and logs go (default runs/<run>)")
     parser.add_argument("--verbose", action="store_true", help="detailed console output (or VERBOSE=true)")
     parser.add_argument(
+        "--nats-sync",
+        default="always",
+        help="embedded server's JetStream sync_interval: 'always' (no acknowledged event lost if it is killed) "
+        "or a duration such as 1s or 2m (faster, loses up to that much on a crash)",
+    )
+    parser.add_argument(
         "--sample-steps",
         type=int,
         default=2,
@@ -62,7 +68,7 @@ async def amain(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stopping.set)
     async with contextlib.AsyncExitStack() as stack:
         if args.nats is None:
-            server = await stack.enter_async_context(EmbeddedNatsServer(run_dir / "nats"))
+            server = await stack.enter_async_context(EmbeddedNatsServer(run_dir / "nats", sync_interval=args.nats_sync))
             args.nats = server.url
             log.info("embedded NATS server at %s (store %s)", server.url, server.store_dir)
         bus = await Bus.connect(bus_settings(args), name="kernelrl-run")

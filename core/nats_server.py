@@ -2,6 +2,9 @@
 
 Invariant: it listens on loopback only, JetStream stores under the run directory, ``max_payload`` is
 set explicitly, and ``start()`` returns only once JetStream answers. The child dies with its parent.
+``sync_interval`` defaults to ``always``: nats-server acknowledges a publish before its file store has
+written it (and fsyncs only every 2 minutes by default), so a killed server loses acknowledged events;
+RL event rates (hundreds per second) afford a synchronous write per message.
 """
 
 from __future__ import annotations
@@ -63,10 +66,17 @@ async def _ignore_while_starting(exc: Exception) -> None:
 class EmbeddedNatsServer:
     """A ``nats-server`` child process with JetStream; usable as an async context manager."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        max_payload: int = MAX_PAYLOAD,
+        sync_interval: str = "always",
+    ) -> None:
         self.store_dir = Path(store_dir).resolve()
         self.port = port or free_port()
         self.max_payload = max_payload
+        self.sync_interval = sync_interval
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -92,6 +102,7 @@ class EmbeddedNatsServer:
                     "jetstream {",
                     f'  store_dir: "{self.store_dir / "jetstream"}"',
                     "  max_memory_store: 1073741824",
+                    f"  sync_interval: {self.sync_interval}",
                     "}",
                     "",
                 ]

@@ -110,6 +110,8 @@ async def test_nats_server_killed_and_restarted_mid_stream_loses_nothing(
             await restarted
             await server.start()
             await publishing
+            stored = await bus.js.stream_info(bus.subjects.event_stream)
+            assert stored.state.messages == n  # the server lost nothing it acknowledged (sync_interval: always)
             await wait_for(
                 lambda: count_lines(log_dir / "turns.jsonl") >= n, 60, "every event on disk after the restart"
             )
