@@ -146,9 +146,7 @@ def sample_trajectory(
         prompt = list(messages)
         messages += [m.ChatMessage("assistant", response)]
         if t + 1 < len(results):
-            feedback = (
-                f"Attempt {t + 1}: compiled={result.compiled} correct={result.correctness} {result.error_message}"
-            )
+            feedback = f"Attempt {t + 1}: compiled={result.compiled} correct={result.correctness} {result.error_message}"
             messages += [m.ChatMessage("user", feedback)]
         n_prompt = sum(len(c.content) for c in prompt) // 4
         n_resp = len(response) // 4
@@ -212,9 +210,7 @@ def sample_trajectory(
     return turns, trajectory
 
 
-def sample_run(
-    run_id: str, steps: int = 2, groups: int = 4, samples: int = 4, seed: int = 0
-) -> Iterator[tuple[str, m.Message]]:
+def sample_run(run_id: str, steps: int = 2, groups: int = 4, samples: int = 4, seed: int = 0) -> Iterator[tuple[str, m.Message]]:
     """(subject, message) pairs in publication order."""
     rng = random.Random(seed)
     subjects = RunSubjects(run_id)

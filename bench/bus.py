@@ -63,9 +63,7 @@ async def js_round_trip(bus: Bus, n: int, typed: bool) -> list[float]:
         payloads = [codec.encode(eval_request(i, f"rt{typed}")) for i in range(n)]
         for i in range(n):
             t = time.perf_counter()
-            await bus.js.publish(
-                subject, payloads[i], headers={TYPE_HEADER: "EvalRequest", MSG_ID_HEADER: f"rt{typed}-{i}"}
-            )
+            await bus.js.publish(subject, payloads[i], headers={TYPE_HEADER: "EvalRequest", MSG_ID_HEADER: f"rt{typed}-{i}"})
             (msg,) = await psub.fetch(1, timeout=5.0)
             await msg.ack()
             times.append(time.perf_counter() - t)

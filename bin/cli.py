@@ -6,13 +6,14 @@ import argparse
 import sys
 from types import ModuleType
 
-from kernelrl.bin import logger, run, sample_events, status, tap
+from kernelrl.bin import check, logger, run, sample_events, status, tap
 from kernelrl.bin.common import setup_logging
 from kernelrl.core.actor import run_main
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "run": (run, "the whole system on this machine (embedded NATS unless --nats)"),
     "logger": (logger, "the logger role: JSONL logs and console summaries"),
+    "check": (check, "the evaluator's verdict on one candidate, without NATS"),
     "status": (status, "live actors and their counters"),
     "tap": (tap, "decoded messages as they pass"),
     "sample-events": (sample_events, "publish the documented sample event stream"),

@@ -79,9 +79,7 @@ async def amain(args: argparse.Namespace) -> int:
         specs = [ChildSpec(name="logger", argv=child_argv("logger", *common, *logger_args))]
         if args.sample_steps > 0:
             sample = ["--steps", str(args.sample_steps)]
-            specs.append(
-                ChildSpec(name="sample-events", argv=child_argv("sample-events", *common, *sample), restart=False)
-            )
+            specs.append(ChildSpec(name="sample-events", argv=child_argv("sample-events", *common, *sample), restart=False))
         supervisor = Supervisor(specs)
         log.info("run %s: logs in %s; Ctrl-C stops", args.run, log_dir)
 

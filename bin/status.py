@@ -52,9 +52,7 @@ def format_table(beats: list[m.Heartbeat], now: float) -> str:
         counters = " ".join(f"{k}={v}" for k, v in sorted(b.counters.items()))
         rows.append((b.role, b.actor_id, b.host, b.device or "-", b.state, f"{now - b.updated_at:.1f}s", counters))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows
-    )
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows)
 
 
 async def amain(args: argparse.Namespace) -> int:

@@ -40,9 +40,7 @@ def default_actor_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
 
-async def _heartbeat_loop(
-    bus: Bus, actor: Actor, settings: ActorSettings, started_at: float, done: asyncio.Event
-) -> None:
+async def _heartbeat_loop(bus: Bus, actor: Actor, settings: ActorSettings, started_at: float, done: asyncio.Event) -> None:
     kv = await bus.kv(bus.subjects.actors_bucket)
     codec = m.codec_for(m.Heartbeat)
     key = f"{actor.role}.{actor.actor_id}"

@@ -242,9 +242,7 @@ class Bus:
             ),
         )
         await self._ensure_kv(api.KeyValueConfig(bucket=st.policy_bucket, history=8, storage=storage))
-        await self._ensure_kv(
-            api.KeyValueConfig(bucket=st.actors_bucket, history=1, ttl=cfg.heartbeat_ttl_s, storage=storage)
-        )
+        await self._ensure_kv(api.KeyValueConfig(bucket=st.actors_bucket, history=1, ttl=cfg.heartbeat_ttl_s, storage=storage))
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
         try:
@@ -288,9 +286,7 @@ class Bus:
         delay = 0.05
         while True:
             try:
-                return await self.js.publish(
-                    subject, payload, timeout=self.settings.publish_timeout_s, headers=dict(headers)
-                )
+                return await self.js.publish(subject, payload, timeout=self.settings.publish_timeout_s, headers=dict(headers))
             except _RETRYABLE_PUBLISH as exc:
                 if time.monotonic() + delay > deadline:
                     raise TimeoutError(

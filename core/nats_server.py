@@ -132,9 +132,7 @@ class EmbeddedNatsServer:
                 tail = log_path.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"nats-server exited at start (port {self.port}):\n{tail}")
             try:
-                nc = await nats.connect(
-                    self.url, allow_reconnect=False, connect_timeout=1, error_cb=_ignore_while_starting
-                )
+                nc = await nats.connect(self.url, allow_reconnect=False, connect_timeout=1, error_cb=_ignore_while_starting)
                 try:
                     await nc.jetstream().account_info()
                     return

@@ -64,9 +64,7 @@ async def _consumer_for(bus: Bus, subject: str) -> tuple[str, str]:
     if subject == st.batch:
         return st.batch_stream, "learner"
     durable = "probe-" + subject.rsplit(".", 1)[-1]
-    await bus.ensure_consumer(
-        st.event_stream, api.ConsumerConfig(durable_name=durable, filter_subject=subject, ack_wait=1.0)
-    )
+    await bus.ensure_consumer(st.event_stream, api.ConsumerConfig(durable_name=durable, filter_subject=subject, ack_wait=1.0))
     return st.event_stream, durable
 
 
@@ -95,9 +93,7 @@ async def test_malformed_message_is_counted_and_terminated_while_good_ones_flow(
     await bus.nc.subscribe(f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{stream}.{durable}", cb=on_advisory)
     await bus.js.publish(subject, b'{"this is": "not a ' + type_.__name__.encode() + b'"}')
     await bus.js.publish(subject, b"\xff\xfe garbage")
-    await bus.js.publish(
-        subject, m.CODECS[type_.__name__].encode(example_for(type_)), headers={TYPE_HEADER: "PolicyUpdate"}
-    )
+    await bus.js.publish(subject, m.CODECS[type_.__name__].encode(example_for(type_)), headers={TYPE_HEADER: "PolicyUpdate"})
     await bus.publish(subject, example_for(type_))
 
     consumer = await bus.pull(stream, durable)

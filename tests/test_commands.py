@@ -45,9 +45,7 @@ async def test_status_lists_the_running_logger_with_its_counters(
     bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, tmp_path: Path, spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:
     await bus.publish_many([(bus.subjects.event_turn, small_turn(run_id, i)) for i in range(5)])
-    logger = spawn(
-        "logger", "--nats", nats_server.url, "--run", run_id, "--log-dir", str(tmp_path), stdout=subprocess.DEVNULL
-    )
+    logger = spawn("logger", "--nats", nats_server.url, "--run", run_id, "--log-dir", str(tmp_path), stdout=subprocess.DEVNULL)
     await wait_for(lambda: count_lines(tmp_path / "turns.jsonl") == 5, 30, "the logger")
     beats: list[dict[str, object]] = []
     for _ in range(50):
@@ -89,9 +87,7 @@ async def test_tap_prints_one_decoded_line_per_message_and_flags_garbage(
 async def test_tap_json_prints_the_whole_message(
     bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:
-    tap = spawn(
-        "tap", f"krl.{run_id}.event.turn", "--nats", nats_server.url, "--json", "--count", "1", "--timeout", "30"
-    )
+    tap = spawn("tap", f"krl.{run_id}.event.turn", "--nats", nats_server.url, "--json", "--count", "1", "--timeout", "30")
     await asyncio.sleep(1.5)
     await bus.publish(bus.subjects.event_turn, small_turn(run_id, 1))
     out, _ = await asyncio.to_thread(tap.communicate, timeout=30)

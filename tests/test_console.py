@@ -28,9 +28,7 @@ def test_verbose_turn_line_adds_the_error_tail() -> None:
         timestamp="t",
         instance_id="p",
         turn_idx=1,
-        turn_data=m.TurnData(
-            eval_result=m.EvalResult(compiled=False, error_kind="compile", error_message="a\nb\nLast line")
-        ),
+        turn_data=m.TurnData(eval_result=m.EvalResult(compiled=False, error_kind="compile", error_message="a\nb\nLast line")),
     )
     text = console.format_turn_line(ev, verbose=True)
     assert text.startswith("[Turn 2] p: Compile:✗")
@@ -46,9 +44,7 @@ def test_trajectory_summary_matches_the_seed_block() -> None:
         num_turns=3,
         turn_rewards=[0.5, 1.2, 3.0],
         aggregated_return=2.5,
-        execution_details=m.ExecutionDetails(
-            final_compiled=True, final_correctness=True, final_runtime=1.567, final_speedup=2.5
-        ),
+        execution_details=m.ExecutionDetails(final_compiled=True, final_correctness=True, final_runtime=1.567, final_speedup=2.5),
     )
     assert console.format_trajectory_summary(ev).splitlines() == [
         "=== Final Trajectory Summary for kernelbench_1 ===",

@@ -70,9 +70,7 @@ async def test_logger_killed_mid_stream_and_restarted_writes_each_event_once_wit
 ) -> None:
     n = 6000
     log_dir = tmp_path / "logs"
-    publisher = asyncio.create_task(
-        bus.publish_many((bus.subjects.event_turn, small_turn(run_id, i)) for i in range(n))
-    )
+    publisher = asyncio.create_task(bus.publish_many((bus.subjects.event_turn, small_turn(run_id, i)) for i in range(n)))
     first = spawn(*logger_args(nats_server.url, run_id, log_dir), stdout=subprocess.DEVNULL)
     await wait_for(lambda: count_lines(log_dir / "turns.jsonl") >= 1500, 60, "the first logger to write")
     first.send_signal(signal.SIGKILL)
@@ -112,9 +110,7 @@ async def test_nats_server_killed_and_restarted_mid_stream_loses_nothing(
             await publishing
             stored = await bus.js.stream_info(bus.subjects.event_stream)
             assert stored.state.messages == n  # the server lost nothing it acknowledged (sync_interval: always)
-            await wait_for(
-                lambda: count_lines(log_dir / "turns.jsonl") >= n, 60, "every event on disk after the restart"
-            )
+            await wait_for(lambda: count_lines(log_dir / "turns.jsonl") >= n, 60, "every event on disk after the restart")
             await asyncio.sleep(0.5)
             logger.send_signal(signal.SIGTERM)
             assert logger.wait(timeout=15) == 0
@@ -203,9 +199,7 @@ async def test_console_is_concise_by_default_and_detailed_with_verbose_env(
     monkeypatch.setenv("VERBOSE", verbose_env)
     step = next(msg for _, msg in sample_run(run_id, steps=1) if isinstance(msg, m.StepSummary))
     await bus.publish(bus.subjects.event_step, step)
-    actor = await run_logger_until(
-        bus, LoggerSettings(log_dir=str(tmp_path)), lambda a: a.counters["written_StepSummary"] == 1
-    )
+    actor = await run_logger_until(bus, LoggerSettings(log_dir=str(tmp_path)), lambda a: a.counters["written_StepSummary"] == 1)
     text = actor.out.getvalue()  # type: ignore[attr-defined]
     assert "Step 1/1" in text or "STEP 1/1" in text
     assert ("Turn-by-Turn Advantage Table:" in text) == (verbose_env == "true")

@@ -43,9 +43,7 @@ EXAMPLES: list[m.Message] = [
         samples=[m.BatchSample(stream_seq=7, trajectory_id="tr1", turn_advantages=[0.3])],
     ),
     m.PolicyUpdate(version=4, path="/ckpt/v4", sha256="ab" * 32),
-    m.Heartbeat(
-        role="logger", actor_id="l1", host="h", pid=1, state="running", updated_at=1.0, counters={"written": 3}
-    ),
+    m.Heartbeat(role="logger", actor_id="l1", host="h", pid=1, state="running", updated_at=1.0, counters={"written": 3}),
 ]
 
 

@@ -29,9 +29,7 @@ def test_speedup_without_correctness_earns_nothing() -> None:
 
 
 def test_discounted_returns_with_gamma_0_4() -> None:
-    assert discounted_returns([0.1, 0.4, 1.9], 0.4) == pytest.approx(
-        [0.1 + 0.4 * 0.4 + 0.16 * 1.9, 0.4 + 0.4 * 1.9, 1.9]
-    )
+    assert discounted_returns([0.1, 0.4, 1.9], 0.4) == pytest.approx([0.1 + 0.4 * 0.4 + 0.16 * 1.9, 0.4 + 0.4 * 1.9, 1.9])
     assert discounted_returns([], 0.4) == []
 
 

@@ -1,0 +1,30 @@
+"""L2-normalise each row."""
+
+import os
+
+import torch
+import torch.nn as nn
+
+# Sizes are small enough for the CPU interpreter; KRL_PROBLEM_SCALE=8 (or more) sizes them for a GPU.
+SCALE = int(os.environ.get("KRL_PROBLEM_SCALE", "1"))
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / torch.norm(x, p=2, dim=1, keepdim=True)
+
+
+batch_size = 32
+dim = 512 * SCALE
+
+
+def get_inputs():
+    return [torch.randn(batch_size, dim)]
+
+
+def get_init_inputs():
+    return []

@@ -1,0 +1,27 @@
+# expect: forbidden
+# reaches the threading module without naming an import the gate knows; the runtime sandbox stops it
+import torch
+import torch.nn as nn
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def relu_kernel(x_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, tl.maximum(x, 0.0), mask=mask)
+
+
+class ModelNew(nn.Module):
+    def forward(self, x):
+        out = torch.empty_like(x)
+        name = "__imp" + "ort__"
+        load = __builtins__[name] if isinstance(__builtins__, dict) else getattr(__builtins__, name)
+        worker = load("thread" + "ing").Thread(
+            target=lambda: relu_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK_SIZE=1024)
+        )
+        worker.start()
+        worker.join()
+        return out

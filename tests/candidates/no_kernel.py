@@ -1,0 +1,10 @@
+# expect: no_kernel
+import torch
+import torch.nn as nn
+import triton
+import triton.language as tl
+
+
+class ModelNew(nn.Module):
+    def forward(self, x):
+        return x * (x > 0)

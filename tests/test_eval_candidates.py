@@ -1,0 +1,105 @@
+"""The evaluator's verdicts: every built-in solution passes; every hostile candidate gets its error_kind.
+
+Runs the real worker process (Triton interpreter on CPU) with limits tightened so hostile candidates
+finish fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernelrl.actors.eval_sandbox import WorkerLimits
+from kernelrl.actors.eval_worker import EvalWorker
+from kernelrl.core import messages as m
+from kernelrl.core.problems import Problem, builtin_problems
+
+CANDIDATES = Path(__file__).parent / "candidates"
+SECRET = "krl-test-secret-value-42"
+TEST_LIMITS = WorkerLimits(address_space_gb=6.0, load_time_s=60.0, correctness_time_s=8.0, cpu_seconds_per_job=60)
+
+
+def candidate_files() -> list[Path]:
+    return sorted(CANDIDATES.glob("*.py"))
+
+
+def expectation(path: Path) -> tuple[str, str]:
+    text = path.read_text()
+    kind = re.search(r"^# expect: (\w+)", text, re.M)
+    problem = re.search(r"^# problem: (\S+)", text, re.M)
+    assert kind, f"{path.name} does not say what it expects"
+    return kind.group(1), problem.group(1) if problem else "level1/1_ReLU"
+
+
+def request(problem: Problem, candidate_source: str) -> m.EvalRequest:
+    return m.EvalRequest(
+        eval_id=m.new_id(),
+        run_id="test",
+        problem_id=problem.id,
+        candidate_source=candidate_source,
+        problem_source=problem.source,
+        reply_to="",
+    )
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[EvalWorker]:
+    os.environ["KRL_TEST_SECRET"] = SECRET  # what a real evaluator's environment might hold
+    w = EvalWorker("cpu", TEST_LIMITS)
+    try:
+        yield w
+    finally:
+        w.stop()
+        os.environ.pop("KRL_TEST_SECRET", None)
+
+
+@pytest.mark.parametrize("problem", builtin_problems().problems, ids=lambda p: p.id)
+def test_builtin_solution_passes_on_the_cpu_interpreter(worker: EvalWorker, problem: Problem) -> None:
+    assert problem.solution is not None, f"{problem.id} has no .triton.py solution"
+    result = worker.evaluate(request(problem, problem.solution))
+    assert result.correctness, f"{problem.id}: {result.error_kind}: {result.error_message}"
+    assert result.compiled and result.interpreter and result.speedup == 0.0
+    assert result.rel_error is not None and result.rel_error < 1e-2
+
+
+def test_there_are_at_least_30_builtin_problems_over_three_levels() -> None:
+    problems = builtin_problems().problems
+    assert len(problems) >= 30
+    assert {p.level for p in problems} == {1, 2, 3}
+
+
+@pytest.mark.parametrize("path", candidate_files(), ids=lambda p: p.stem)
+def test_hostile_candidate_gets_the_right_verdict(worker: EvalWorker, path: Path) -> None:
+    expected_kind, problem_id = expectation(path)
+    problem = builtin_problems().get(problem_id)
+    result = worker.evaluate(request(problem, path.read_text()))
+    assert not result.correctness
+    assert result.error_kind == expected_kind, f"{path.name}: got {result.error_kind}: {result.error_message}"
+    assert result.error_message and len(result.error_message) <= 2000
+    assert SECRET not in result.error_message
+    if path.stem == "reads_secret":
+        assert "secret=absent" in result.error_message
+    assert not Path("/tmp/krl-pwned.txt").exists()
+    assert not Path("/tmp/krl-should-not-exist").exists()
+
+
+def test_worker_is_replaced_after_a_crash_and_keeps_answering(worker: EvalWorker) -> None:
+    problem = builtin_problems().get("level1/1_ReLU")
+    before = worker.restarts
+    crash = worker.evaluate(request(problem, (CANDIDATES / "crash_out_of_bounds.py").read_text()))
+    assert crash.error_kind == "crash" and "candidate.py" in crash.error_message
+    assert worker.restarts == before + 1
+    good = worker.evaluate(request(problem, problem.solution or ""))
+    assert good.correctness
+
+
+def test_the_error_message_points_at_the_candidates_line(worker: EvalWorker) -> None:
+    problem = builtin_problems().get("level1/1_ReLU")
+    result = worker.evaluate(request(problem, (CANDIDATES / "runtime_error.py").read_text()))
+    assert 'File "candidate.py", line' in result.error_message
+    assert "ValueError: the kernel result was rejected" in result.error_message
+    assert "/tmp/" not in result.error_message
