@@ -33,6 +33,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/logger.py --quick
 	$(PY) bench/bus.py --quick
+	$(PY) bench/evaluator.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

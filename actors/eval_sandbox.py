@@ -80,6 +80,12 @@ def allow_cpu_seconds(seconds: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when the evaluator that owns it dies, even mid-job."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
 def isolate_network() -> str:
     """Move into an empty network namespace where the OS allows it; returns what was achieved."""
     libc = ctypes.CDLL(None, use_errno=True)

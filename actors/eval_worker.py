@@ -30,6 +30,7 @@ from kernelrl.actors.eval_sandbox import (
     WorkerLimits,
     allow_cpu_seconds,
     apply_limits,
+    die_with_parent,
     isolate_network,
     worker_environment,
 )
@@ -108,6 +109,7 @@ def _worker_main(device: str, limits: WorkerLimits, root: Path) -> int:
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # candidate prints go to the worker log, never into the protocol
     faulthandler.enable()  # a segfault leaves a Python traceback in the log for the error message
+    die_with_parent()
     on_gpu = device.startswith("cuda")
     apply_limits(limits, on_gpu)
     network = isolate_network()

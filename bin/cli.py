@@ -6,12 +6,13 @@ import argparse
 import sys
 from types import ModuleType
 
-from kernelrl.bin import check, logger, run, sample_events, status, tap
+from kernelrl.bin import check, evaluator, logger, run, sample_events, status, tap
 from kernelrl.bin.common import setup_logging
 from kernelrl.core.actor import run_main
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "run": (run, "the whole system on this machine (embedded NATS unless --nats)"),
+    "evaluator": (evaluator, "the evaluator role: compile, check and time candidates on one GPU or the CPU"),
     "logger": (logger, "the logger role: JSONL logs and console summaries"),
     "check": (check, "the evaluator's verdict on one candidate, without NATS"),
     "status": (status, "live actors and their counters"),

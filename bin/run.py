@@ -1,7 +1,8 @@
 """``kernelrl run``: the whole system on this machine.
 
 Starts the embedded NATS server unless ``--nats`` is given, provisions the run, starts the roles that
-exist as child processes and supervises them; Ctrl-C stops everything cleanly. Until the generator,
+exist as child processes (the logger; one evaluator per visible GPU, or one CPU evaluator) and
+supervises them; Ctrl-C stops everything cleanly. Until the generator,
 buffer and learner roles land, the documented sample event stream (``kernelrl sample-events``) stands
 in for them, and the run ends once the logger has written every sample event.
 """
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -45,6 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="steps of the sample event stream to publish (0: none, wait for Ctrl-C)",
     )
+    parser.add_argument(
+        "--sample-evals", type=int, default=4, help="built-in reference solutions the sample sends to the evaluators"
+    )
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this machine lets us use, as values for ``CUDA_VISIBLE_DEVICES``."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    pinned = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return pinned[:count] if pinned else [str(i) for i in range(count)]
 
 
 def child_argv(command: str, *args: str) -> list[str]:
@@ -77,8 +91,14 @@ async def amain(args: argparse.Namespace) -> int:
         common = ["--nats", args.nats, "--run", args.run, "--log-level", args.log_level]
         logger_args = ["--log-dir", str(log_dir), *(["--verbose"] if args.verbose else [])]
         specs = [ChildSpec(name="logger", argv=child_argv("logger", *common, *logger_args))]
+        gpus = visible_gpus()
+        for gpu in gpus:
+            specs.append(ChildSpec(name=f"evaluator-gpu{gpu}", argv=child_argv("evaluator", *common, "--gpu", gpu)))
+        if not gpus:
+            specs.append(ChildSpec(name="evaluator-cpu", argv=child_argv("evaluator", *common)))
+        log.info("evaluators: %s", ", ".join(f"GPU {g}" for g in gpus) or "one on the CPU (Triton interpreter)")
         if args.sample_steps > 0:
-            sample = ["--steps", str(args.sample_steps)]
+            sample = ["--steps", str(args.sample_steps), "--evals", str(args.sample_evals)]
             specs.append(ChildSpec(name="sample-events", argv=child_argv("sample-events", *common, *sample), restart=False))
         supervisor = Supervisor(specs)
         log.info("run %s: logs in %s; Ctrl-C stops", args.run, log_dir)

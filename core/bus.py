@@ -253,18 +253,22 @@ class Bus:
             await self.js.update_stream(config)
 
     async def ensure_consumer(self, stream: str, config: api.ConsumerConfig) -> None:
+        """Create the durable consumer if it does not exist; an existing one keeps its configuration.
+
+        (``add_consumer`` would silently update an existing consumer's ``ack_wait`` and friends to this
+        actor's defaults, undoing what the run was provisioned with.)
+        """
+        durable = config.durable_name or ""
+        try:
+            await self.js.consumer_info(stream, durable)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
         try:
             await self.js.add_consumer(stream, config)
         except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != 10148:  # consumer already exists with a different configuration
+            if exc.err_code != 10148:  # created meanwhile by another actor with another configuration
                 raise
-            info = await self.js.consumer_info(stream, config.durable_name or "")
-            log.warning(
-                "consumer %s on %s exists with another configuration; keeping it (%s)",
-                config.durable_name,
-                stream,
-                info.config,
-            )
 
     async def _ensure_kv(self, config: api.KeyValueConfig) -> None:
         try:

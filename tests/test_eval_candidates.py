@@ -103,3 +103,20 @@ def test_the_error_message_points_at_the_candidates_line(worker: EvalWorker) -> 
     assert 'File "candidate.py", line' in result.error_message
     assert "ValueError: the kernel result was rejected" in result.error_message
     assert "/tmp/" not in result.error_message
+
+
+GAPS = Path(__file__).parent / "interpreter_gaps"
+
+
+def test_multi_config_autotune_runs_on_the_interpreter_without_a_gpu_benchmark(worker: EvalWorker) -> None:
+    problem = builtin_problems().get("level1/1_ReLU")
+    result = worker.evaluate(request(problem, (GAPS / "autotune_relu.py").read_text()))
+    assert result.correctness, f"{result.error_kind}: {result.error_message}"
+
+
+def test_bf16_dot_is_computed_correctly_on_the_interpreter_not_judged_wrong(worker: EvalWorker) -> None:
+    source = (GAPS / "bf16_matmul_problem.py").read_text()
+    problem = Problem(id="gaps/bf16_matmul", level=0, number=0, name="bf16_matmul", source=source, path="")
+    result = worker.evaluate(request(problem, (GAPS / "bf16_matmul.py").read_text()))
+    assert result.correctness, f"{result.error_kind}: {result.error_message}"
+    assert result.rel_error is not None and result.rel_error < 1e-2

@@ -1,0 +1,163 @@
+"""The evaluator actor over a real nats-server: answers, survives hostile candidates, is never lost."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import nats.aio.msg
+
+from kernelrl.core import messages as m
+from kernelrl.core.bus import Bus
+from kernelrl.core.config import BusSettings
+from kernelrl.core.nats_server import EmbeddedNatsServer
+from kernelrl.core.problems import builtin_problems
+
+from helpers import wait_for
+
+CANDIDATES = Path(__file__).parent / "candidates"
+RELU = builtin_problems().get("level1/1_ReLU")
+SLOW_RELU = (
+    (RELU.solution or "")
+    .replace(
+        "    def forward(self, x: torch.Tensor) -> torch.Tensor:\n",
+        "    def forward(self, x: torch.Tensor) -> torch.Tensor:\n        time.sleep(0.6)\n",
+    )
+    .replace("import torch\n", "import time\n\nimport torch\n", 1)
+)
+
+
+class Replies:
+    """Results arriving on one generator's reply subject."""
+
+    def __init__(self) -> None:
+        self.results: list[m.EvalResult] = []
+
+    async def on_msg(self, msg: nats.aio.msg.Msg) -> None:
+        self.results.append(m.codec_for(m.EvalResult).decode(msg.data))
+
+
+async def listen(bus: Bus, generator_id: str) -> tuple[Replies, str]:
+    replies = Replies()
+    subject = bus.subjects.eval_result(generator_id)
+    await bus.nc.subscribe(subject, cb=replies.on_msg)
+    return replies, subject
+
+
+def eval_request(bus: Bus, reply_to: str, candidate: str, problem_id: str = "level1/1_ReLU") -> m.EvalRequest:
+    return m.EvalRequest(
+        eval_id=m.new_id(), run_id=bus.settings.run, problem_id=problem_id, candidate_source=candidate, reply_to=reply_to
+    )
+
+
+def start_evaluator(spawn: Callable[..., subprocess.Popen[str]], url: str, run_id: str, *extra: str) -> subprocess.Popen[str]:
+    return spawn(
+        "evaluator", "--nats", url, "--run", run_id, "--time-limit", "4", "--memory-limit-gb", "6", *extra,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def test_evaluator_answers_the_requester_and_acks(
+    bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
+    replies, reply_to = await listen(bus, "gen-a")
+    evaluator = start_evaluator(spawn, nats_server.url, run_id)
+    good = eval_request(bus, reply_to, RELU.solution or "")
+    bad = eval_request(bus, reply_to, (CANDIDATES / "wrong_values.py").read_text())
+    await bus.publish_many([(bus.subjects.eval_request, good), (bus.subjects.eval_request, bad)])
+    await wait_for(lambda: len(replies.results) == 2, 120, "two results")
+    by_id = {r.eval_id: r for r in replies.results}
+    assert by_id[good.eval_id].correctness and by_id[good.eval_id].evaluator_id.startswith("evaluator-")
+    assert by_id[bad.eval_id].error_kind == "mismatch"
+    info = await bus.js.stream_info(bus.subjects.eval_stream)
+    assert info.state.messages == 0  # acked jobs leave the work queue
+    evaluator.send_signal(signal.SIGTERM)
+    assert evaluator.wait(timeout=30) == 0
+
+
+async def test_fifty_hostile_candidates_in_a_row_never_kill_the_evaluator(
+    bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
+    replies, reply_to = await listen(bus, "gen-hostile")
+    evaluator = start_evaluator(spawn, nats_server.url, run_id)
+    hostile = sorted(CANDIDATES.glob("*.py"))
+    expected: dict[str, str] = {}
+    requests = []
+    for path in itertools.islice(itertools.cycle(hostile), 50):
+        text = path.read_text()
+        kind = text.split("# expect: ", 1)[1].split()[0]
+        problem = text.split("# problem: ", 1)[1].split()[0] if "# problem: " in text else "level1/1_ReLU"
+        req = eval_request(bus, reply_to, text, problem)
+        expected[req.eval_id] = kind
+        requests.append((bus.subjects.eval_request, req))
+    final = eval_request(bus, reply_to, RELU.solution or "")
+    await bus.publish_many([*requests, (bus.subjects.eval_request, final)])
+    await wait_for(lambda: len(replies.results) == 51, 400, "51 results")
+    assert evaluator.poll() is None, "the evaluator died"
+    got = {r.eval_id: r for r in replies.results}
+    wrong = {eid: (kind, got[eid].error_kind) for eid, kind in expected.items() if got[eid].error_kind != kind}
+    assert not wrong, wrong
+    assert got[final.eval_id].correctness
+    evaluator.send_signal(signal.SIGTERM)
+    assert evaluator.wait(timeout=30) == 0
+
+
+async def test_evaluator_killed_mid_job_the_job_is_redelivered_and_answered_once(
+    tmp_path: Path, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
+    run_id = "kill-mid-job"
+    async with EmbeddedNatsServer(tmp_path / "nats") as server:
+        bus = await Bus.connect(BusSettings(url=server.url, run=run_id, eval_ack_wait_s=4.0), name="test")
+        try:
+            await bus.provision()  # the consumer now redelivers 4 s after a lost evaluator's last sign of life
+            replies, reply_to = await listen(bus, "gen-k")
+            first = start_evaluator(spawn, server.url, run_id)
+            await asyncio.sleep(4)  # its worker is up
+            request = eval_request(bus, reply_to, SLOW_RELU)
+            await bus.publish(bus.subjects.eval_request, request)
+            await asyncio.sleep(1.5)  # mid-job: five trials of 0.6 s each
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            assert replies.results == []
+            second = start_evaluator(spawn, server.url, run_id)
+            await wait_for(lambda: len(replies.results) >= 1, 60, "the redelivered job's result")
+            await asyncio.sleep(3)
+            assert len(replies.results) == 1
+            assert replies.results[0].eval_id == request.eval_id and replies.results[0].correctness
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=30) == 0
+        finally:
+            await bus.close()
+
+
+async def test_a_job_that_exhausts_its_deliveries_is_answered_as_evaluator_lost(
+    tmp_path: Path, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
+    run_id = "lost"
+    async with EmbeddedNatsServer(tmp_path / "nats") as server:
+        settings = BusSettings(url=server.url, run=run_id, eval_ack_wait_s=3.0, eval_max_deliver=1)
+        bus = await Bus.connect(settings, name="test")
+        try:
+            await bus.provision()
+            replies, reply_to = await listen(bus, "gen-l")
+            first = start_evaluator(spawn, server.url, run_id)
+            await asyncio.sleep(4)
+            request = eval_request(bus, reply_to, SLOW_RELU)
+            await bus.publish(bus.subjects.eval_request, request)
+            await asyncio.sleep(1.5)
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            second = start_evaluator(spawn, server.url, run_id)
+            await wait_for(lambda: len(replies.results) >= 1, 60, "the evaluator_lost answer")
+            assert replies.results[0].eval_id == request.eval_id
+            assert replies.results[0].error_kind == "evaluator_lost"
+            info = await bus.js.stream_info(bus.subjects.eval_stream)
+            assert info.state.messages == 0
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=30) == 0
+        finally:
+            await bus.close()
