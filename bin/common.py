@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from kernelrl.core.config import BusSettings
 
@@ -31,3 +33,20 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def command_main(
+    prog: str,
+    description: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    amain: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+    argv: list[str] | None = None,
+) -> int:
+    """Parse, set up logging and run one command's coroutine (the body of every ``bin/`` entrypoint)."""
+    from kernelrl.core.actor import run_main
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "log_level", "INFO"))
+    return run_main(amain(args))

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from kernelrl.bin.common import add_bus_arguments, bus_settings, setup_logging
-from kernelrl.core.actor import run_actor, run_main
+from kernelrl.bin.common import add_bus_arguments, bus_settings, command_main
+from kernelrl.core.actor import run_actor
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,11 +43,7 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kernelrl evaluator", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    return run_main(amain(args))
+    return command_main("kernelrl evaluator", __doc__, add_arguments, amain, argv)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import sys
 
 from kernelrl.actors.logger import LoggerActor
 from kernelrl.actors.run_log import LogWriteError
-from kernelrl.bin.common import add_bus_arguments, bus_settings, setup_logging
-from kernelrl.core.actor import run_actor, run_main
+from kernelrl.bin.common import add_bus_arguments, bus_settings, command_main
+from kernelrl.core.actor import run_actor
 from kernelrl.core.config import LoggerSettings
 
 
@@ -35,11 +35,7 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kernelrl-logger", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    return run_main(amain(args))
+    return command_main("kernelrl-logger", __doc__, add_arguments, amain, argv)
 
 
 if __name__ == "__main__":

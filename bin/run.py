@@ -20,9 +20,8 @@ from pathlib import Path
 
 import nats.errors
 
-from kernelrl.bin.common import add_bus_arguments, bus_settings, setup_logging
+from kernelrl.bin.common import add_bus_arguments, bus_settings, command_main
 from kernelrl.core import subjects as s
-from kernelrl.core.actor import run_main
 from kernelrl.core.bus import Bus
 from kernelrl.core.nats_server import EmbeddedNatsServer
 from kernelrl.core.supervisor import ChildSpec, Supervisor
@@ -126,11 +125,7 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kernelrl run", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    return run_main(amain(args))
+    return command_main("kernelrl run", __doc__, add_arguments, amain, argv)
 
 
 if __name__ == "__main__":

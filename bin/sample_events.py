@@ -14,9 +14,8 @@ from nats.aio.msg import Msg
 
 from kernelrl.actors.sample_events import sample_run
 from kernelrl.bin.check import format_result
-from kernelrl.bin.common import add_bus_arguments, bus_settings, setup_logging
+from kernelrl.bin.common import add_bus_arguments, bus_settings, command_main
 from kernelrl.core import messages as m
-from kernelrl.core.actor import run_main
 from kernelrl.core.bus import Bus
 from kernelrl.core.problems import builtin_problems
 
@@ -73,11 +72,7 @@ async def sample_evaluations(bus: Bus, n: int, timeout_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kernelrl sample-events", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    return run_main(amain(args))
+    return command_main("kernelrl sample-events", __doc__, add_arguments, amain, argv)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import msgspec
 import nats
 import nats.js.errors
 
-from kernelrl.bin.common import add_bus_arguments, setup_logging
+from kernelrl.bin.common import add_bus_arguments, command_main
 from kernelrl.core import messages as m
-from kernelrl.core.actor import decode_heartbeat, run_main
+from kernelrl.core.actor import decode_heartbeat
 from kernelrl.core.subjects import RunSubjects
 
 
@@ -66,11 +66,7 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kernelrl status", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    return run_main(amain(args))
+    return command_main("kernelrl status", __doc__, add_arguments, amain, argv)
 
 
 if __name__ == "__main__":

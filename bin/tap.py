@@ -12,9 +12,8 @@ import msgspec
 import nats
 
 from kernelrl.actors.console import summary_line
-from kernelrl.bin.common import add_bus_arguments, setup_logging
+from kernelrl.bin.common import add_bus_arguments, command_main
 from kernelrl.core import messages as m
-from kernelrl.core.actor import run_main
 from kernelrl.core.bus import decode_any
 from kernelrl.core.subjects import RunSubjects
 
@@ -73,11 +72,7 @@ def render(subject: str, data: bytes, headers: dict[str, str] | None, as_json: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kernelrl tap", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    return run_main(amain(args))
+    return command_main("kernelrl tap", __doc__, add_arguments, amain, argv)
 
 
 if __name__ == "__main__":
