@@ -98,6 +98,19 @@ def isolate_network() -> str:
     return f"none (unshare: {os.strerror(ctypes.get_errno())})"
 
 
+def _program_name(executable: object, argv: object) -> str:
+    """The program a Popen/posix_spawn audit event starts (``executable`` is usually None for Popen)."""
+    if executable:
+        program = os.fsdecode(executable)  # type: ignore[arg-type]
+    elif isinstance(argv, list | tuple) and argv:
+        program = os.fsdecode(argv[0])
+    elif isinstance(argv, str | bytes):
+        program = os.fsdecode(argv).split()[0] if argv.strip() else ""
+    else:
+        program = ""
+    return os.path.basename(program)
+
+
 class SandboxViolation(PermissionError):
     """Candidate code tried something the sandbox forbids."""
 
@@ -158,7 +171,7 @@ class Sandbox:
                 if real != os.devnull and not any(real == w or real.startswith(w + os.sep) for w in self.writable):
                     self._deny(f"writing {real}")
         elif event in ("subprocess.Popen", "os.posix_spawn"):
-            executable = os.path.basename(os.fsdecode(args[0])) if args and args[0] else ""  # type: ignore[arg-type]
+            executable = _program_name(args[0], args[1])
             if executable not in TOOLCHAIN:
                 self._deny(f"starting process {executable!r}")
         elif event in ("os.system", "os.exec", "os.fork", "os.forkpty", "os.spawn", "os.kill", "os.killpg"):
