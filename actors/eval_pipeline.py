@@ -8,6 +8,7 @@ and at least one Triton launch must happen per call. Timings are only real on a 
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import math
 import statistics
@@ -141,6 +142,8 @@ def classify_exception(exc: BaseException) -> str:
     text = f"{name}: {exc}"
     if isinstance(exc, PermissionError) and "sandbox" in str(exc):
         return "forbidden"
+    if isinstance(exc, OSError) and exc.errno in (errno.EFBIG, errno.ENOSPC, errno.EMFILE):
+        return "resource"  # past the worker's file-size or open-files limit
     if "CompilationError" in name or "CompileTimeAssertion" in name:
         return "compile"
     if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:

@@ -3,7 +3,7 @@
 Invariant: while ``Sandbox.active`` is set (candidate code is loading or running), the process cannot
 write outside its allowed directories, start processes (beyond Triton's own compiler toolchain), open
 sockets or start Python threads. Limits on address space (CPU only: CUDA needs a large address space),
-open files, file size and CPU seconds hold for the worker's whole life.
+open files, file size, processes and CPU seconds hold for the worker's whole life.
 """
 
 from __future__ import annotations
@@ -67,8 +67,21 @@ def apply_limits(limits: WorkerLimits, on_gpu: bool) -> None:
     cap(resource.RLIMIT_NOFILE, limits.open_files)
     cap(resource.RLIMIT_FSIZE, limits.file_size_mb * 1024 * 1024)
     cap(resource.RLIMIT_CORE, 0)
+    # processes and threads of this user: room for torch's and Triton's own threads, not for a fork bomb
+    # (root is exempt from this limit; the audit hook still denies new processes and threads)
+    cap(resource.RLIMIT_NPROC, _tasks_of_this_user() + 8 * (os.cpu_count() or 8) + 64)
     if not on_gpu:
         cap(resource.RLIMIT_AS, int(limits.address_space_gb * 1024**3))
+
+
+def _tasks_of_this_user() -> int:
+    uid, count = os.getuid(), 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if entry.stat().st_uid == uid:
+                    count += len(os.listdir(f"/proc/{entry.name}/task"))
+    return count
 
 
 def allow_cpu_seconds(seconds: int) -> None:

@@ -20,7 +20,9 @@ from kernelrl.core.problems import Problem, builtin_problems
 
 CANDIDATES = Path(__file__).parent / "candidates"
 SECRET = "krl-test-secret-value-42"
-TEST_LIMITS = WorkerLimits(address_space_gb=6.0, load_time_s=60.0, correctness_time_s=8.0, cpu_seconds_per_job=60)
+TEST_LIMITS = WorkerLimits(
+    address_space_gb=6.0, file_size_mb=128, load_time_s=60.0, correctness_time_s=8.0, cpu_seconds_per_job=60
+)
 
 
 def candidate_files() -> list[Path]:
