@@ -37,6 +37,7 @@ class WorkerLimits(msgspec.Struct, kw_only=True, frozen=True):
     load_time_s: float = 120.0
     correctness_time_s: float = 300.0
     benchmark_time_s: float = 300.0
+    jobs_per_worker: int = 200
 
 
 def worker_environment(root: Path, interpret: bool, visible_gpu: str | None = None) -> dict[str, str]:

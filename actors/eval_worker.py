@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import faulthandler
 import os
+import re
 import select
 import shutil
 import signal
@@ -173,6 +174,17 @@ _SIGNAL_KINDS = {
 }
 
 
+def candidate_frames(log_tail: str) -> str:
+    """The faulthandler lines that point into the candidate, without the worker's temp paths."""
+    lines = []
+    for line in log_tail.splitlines():
+        if line.startswith("Fatal Python error"):
+            lines.append(line.strip())
+        elif "candidate.py" in line:
+            lines.append(re.sub(r'File "[^"]*candidate\.py"', 'File "candidate.py"', line.strip()))
+    return "\n".join(lines)
+
+
 class EvalWorker:
     """Owns one worker process; ``evaluate`` is blocking (run it in a thread from asyncio)."""
 
@@ -187,6 +199,7 @@ class EvalWorker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._root: Path | None = None
         self._baselines: dict[tuple[str, str, str], float] = {}
+        self._jobs_on_this_worker = 0
 
     @property
     def alive(self) -> bool:
@@ -243,7 +256,10 @@ class EvalWorker:
         )
 
     def _run_in_worker(self, request: m.EvalRequest) -> m.EvalResult:
+        if self._jobs_on_this_worker >= self.limits.jobs_per_worker:
+            self.stop()  # a fresh worker sheds Triton's per-kernel caches
         ready = self.start()
+        self._jobs_on_this_worker += 1
         baseline_key = (request.problem_id, ready.device_name, ready.torch_version)
         job = WorkerJob(
             job_id=request.eval_id,
@@ -293,8 +309,9 @@ class EvalWorker:
         if kind == "crash" and self.on_gpu:
             kind = "cuda_fault"
         message = f"the worker {what} during the {phase} phase"
-        if tail:
-            message += "\n" + tail
+        frames = candidate_frames(tail)
+        if frames:
+            message += "\n" + frames
         return m.EvalResult(compiled=phase != "load", error_kind=kind, error_message=message[-2000:])
 
     def _log_tail(self, n_bytes: int = 1500) -> str:
@@ -312,6 +329,7 @@ class EvalWorker:
 
     def stop(self) -> None:
         proc, self._proc, self.ready = self._proc, None, None
+        self._jobs_on_this_worker = 0
         if proc is not None:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

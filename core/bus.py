@@ -173,7 +173,10 @@ class Bus:
     # ------------------------------------------------------------ provisioning
 
     async def provision(self) -> None:
-        """Create (or bring up to date) the run's streams, shared consumers and KV buckets; idempotent."""
+        """Create the run's streams, shared consumers and KV buckets; idempotent.
+
+        A stream whose configuration changed is updated; an existing consumer keeps its configuration.
+        """
         st, cfg = self.subjects, self.settings
         storage = api.StorageType.MEMORY if cfg.storage_in_memory else api.StorageType.FILE
         common = {
