@@ -109,9 +109,6 @@ class PullConsumer(Generic[T]):
             out.append(Delivery(msg, raw))  # type: ignore[arg-type]
         return out
 
-    async def info(self) -> api.ConsumerInfo:
-        return await self._psub.consumer_info()
-
     async def close(self) -> None:
         try:
             await self._psub.unsubscribe()

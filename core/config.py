@@ -33,7 +33,6 @@ class BusSettings(msgspec.Struct, kw_only=True, frozen=True):
 
 class ActorSettings(msgspec.Struct, kw_only=True, frozen=True):
     heartbeat_interval_s: float = 2.0
-    shutdown_grace_s: float = 30.0
 
 
 class LoggerSettings(msgspec.Struct, kw_only=True, frozen=True):
