@@ -8,6 +8,7 @@ and at least one Triton launch must happen per call. Timings are only real on a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
 import math
@@ -15,7 +16,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -95,12 +96,14 @@ class CheckContext:
         device: str,
         job_dir: Path,
         report_phase: Callable[[str], None],
+        report_running: Callable[[str], None],
         launches: LaunchCounter,
         enforcing: Callable[[], Any],
     ) -> None:
         self.device = device
         self.job_dir = job_dir
         self.report_phase = report_phase
+        self.report_running = report_running
         self.launches = launches
         self.enforcing = enforcing
         self.timings: dict[str, float] = {}
@@ -115,6 +118,24 @@ class CheckFailure(Exception):
         super().__init__(message)
         self.error_kind = error_kind
         self.message = message
+
+
+@contextlib.contextmanager
+def blame_reference(ctx: CheckContext) -> Iterator[None]:
+    """Failures in here are the problem's, not the candidate's: ``bad_problem``.
+
+    The worker tells its parent it is running the reference, so that if the reference kills the process
+    (an op this CPU cannot run) the verdict is ``cannot_verify``, never a wrong answer.
+    """
+    ctx.report_running("reference")
+    try:
+        yield
+    except CheckFailure:
+        raise
+    except Exception as exc:
+        raise CheckFailure("bad_problem", f"the reference program failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        ctx.report_running("candidate")
 
 
 def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
@@ -265,11 +286,12 @@ def run_checks(job_problem_source: str, candidate_source: str, settings: m.Check
     try:
         ctx.report_phase("load")
         t0 = time.perf_counter()
-        problem = load_module(reference_path, f"krl_reference_{tag}")
-        atol, rtol = tolerance(problem, settings)
-        init_inputs = list(problem.get_init_inputs())
-        torch.manual_seed(BASE_SEED)
-        reference = problem.Model(*init_inputs).to(ctx.device).eval()
+        with blame_reference(ctx):
+            problem = load_module(reference_path, f"krl_reference_{tag}")
+            atol, rtol = tolerance(problem, settings)
+            init_inputs = list(problem.get_init_inputs())
+            torch.manual_seed(BASE_SEED)
+            reference = problem.Model(*init_inputs).to(ctx.device).eval()
         with ctx.enforcing():
             try:
                 candidate_module = load_module(candidate_path, f"krl_candidate_{tag}")
@@ -288,13 +310,14 @@ def run_checks(job_problem_source: str, candidate_source: str, settings: m.Check
         t0 = time.perf_counter()
         cand_times, ref_times = [], []
         for trial in range(settings.n_trials):
-            inputs = trial_inputs(problem, trial, ctx.device)
-            with torch.no_grad():
+            with torch.no_grad(), blame_reference(ctx):
+                inputs = trial_inputs(problem, trial, ctx.device)
                 _sync(ctx.device)
                 t = time.perf_counter()
                 expected = reference(*[_clone(x) for x in inputs])
                 _sync(ctx.device)
                 ref_times.append(time.perf_counter() - t)
+            with torch.no_grad():
                 given = [_clone(x) for x in inputs]
                 ctx.launches.count = 0
                 with ctx.enforcing():
@@ -339,16 +362,18 @@ def run_checks(job_problem_source: str, candidate_source: str, settings: m.Check
 
         ctx.report_phase("benchmark")
         t0 = time.perf_counter()
-        inputs = trial_inputs(problem, 0, ctx.device)
-        with torch.no_grad():
+        with torch.no_grad(), blame_reference(ctx):
+            inputs = trial_inputs(problem, 0, ctx.device)
             expected = reference(*[_clone(x) for x in inputs])
+        with torch.no_grad():
             with ctx.enforcing():
                 stats, last_out = time_cuda(candidate, inputs, settings.n_timed_runs)
             kind, message, _, _ = compare(expected, last_out, atol, rtol)
             if kind:
                 raise CheckFailure(kind, f"timed run: {message}")
             if baseline_ms is None:
-                baseline_stats, _ = time_cuda(reference, inputs, settings.n_timed_runs)
+                with blame_reference(ctx):
+                    baseline_stats, _ = time_cuda(reference, inputs, settings.n_timed_runs)
                 baseline_ms = baseline_stats["median"]
         ctx.timings["benchmark_s"] = time.perf_counter() - t0
         speedup = baseline_ms / stats["median"] if stats["median"] > 0 else 0.0

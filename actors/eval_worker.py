@@ -59,11 +59,17 @@ class WorkerPhase(msgspec.Struct, tag="phase", frozen=True):
     name: str
 
 
+class WorkerRunning(msgspec.Struct, tag="running", frozen=True):
+    """Whose code the worker is running now: ``reference`` or ``candidate``."""
+
+    who: str
+
+
 class WorkerDone(msgspec.Struct, tag="done", frozen=True):
     result: m.EvalResult
 
 
-Frame = WorkerJob | WorkerReady | WorkerPhase | WorkerDone
+Frame = WorkerJob | WorkerReady | WorkerPhase | WorkerRunning | WorkerDone
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Frame)
 _HEADER = struct.Struct(">I")
@@ -149,6 +155,7 @@ def _worker_main(device: str, limits: WorkerLimits, root: Path) -> int:
             device=torch_device,
             job_dir=job_dir,
             report_phase=lambda name: write_frame(proto_out, WorkerPhase(name)),
+            report_running=lambda who: write_frame(proto_out, WorkerRunning(who)),
             launches=launches,
             enforcing=lambda jd=job_dir: sandbox.enforcing(jd),
         )
@@ -242,7 +249,13 @@ class EvalWorker:
         """The verdict on one candidate. Never raises for anything the candidate does."""
         t0 = time.perf_counter()
         rejection = static_gate(request.candidate_source)
-        if rejection is not None:
+        if not request.problem_source.strip():
+            result = m.EvalResult(
+                error_kind="bad_problem",
+                error_message=f"no reference program for {request.problem_id!r}: the request carries no problem_source "
+                "and the evaluator's problem set has no such problem",
+            )
+        elif rejection is not None:
             result = m.EvalResult(error_kind=rejection.error_kind, error_message=rejection.message)
         else:
             result = self._run_in_worker(request)
@@ -272,8 +285,8 @@ class EvalWorker:
         try:
             write_frame(self._proc.stdin.fileno(), job)
         except BrokenPipeError:
-            return self._worker_died("load")
-        phase = "load"
+            return self._worker_died("load", "candidate")
+        phase, running = "load", "candidate"
         deadline = time.monotonic() + self._phase_limit(phase)
         while True:
             try:
@@ -286,8 +299,10 @@ class EvalWorker:
                     error_message=f"the {phase} phase exceeded its {self._phase_limit(phase):.0f}s limit",
                 )
             if frame is None:
-                return self._worker_died(phase)
-            if isinstance(frame, WorkerPhase):
+                return self._worker_died(phase, running)
+            if isinstance(frame, WorkerRunning):
+                running = frame.who
+            elif isinstance(frame, WorkerPhase):
                 phase = frame.name
                 deadline = time.monotonic() + self._phase_limit(phase)
             elif isinstance(frame, WorkerDone):
@@ -298,7 +313,7 @@ class EvalWorker:
                     self._replace()  # the CUDA context may be corrupt
                 return result
 
-    def _worker_died(self, phase: str) -> m.EvalResult:
+    def _worker_died(self, phase: str, running: str) -> m.EvalResult:
         assert self._proc is not None
         code = self._proc.wait()
         tail = self._log_tail()
@@ -306,6 +321,13 @@ class EvalWorker:
         kind, what = "crash", f"exited with status {code}"
         if code < 0:
             kind, what = _SIGNAL_KINDS.get(signal.Signals(-code), ("crash", f"died of signal {-code}"))
+        if running == "reference":
+            return m.EvalResult(
+                compiled=phase != "load",
+                error_kind="cannot_verify",
+                error_message=f"the reference program {what.replace('crashed', 'crashes')} on {self.device}; "
+                "this candidate cannot be verified here",
+            )
         if kind == "crash" and self.on_gpu:
             kind = "cuda_fault"
         message = f"the worker {what} during the {phase} phase"

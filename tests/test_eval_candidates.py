@@ -122,3 +122,30 @@ def test_bf16_dot_is_computed_correctly_on_the_interpreter_not_judged_wrong(work
     result = worker.evaluate(request(problem, (GAPS / "bf16_matmul.py").read_text()))
     assert result.correctness, f"{result.error_kind}: {result.error_message}"
     assert result.rel_error is not None and result.rel_error < 1e-2
+
+
+def _custom_problem(source: str) -> Problem:
+    return Problem(id="custom/probe", level=0, number=0, name="probe", source=source, path="")
+
+
+RELU_SOLUTION = builtin_problems().get("level1/1_ReLU").solution or ""
+RELU_SOURCE = builtin_problems().get("level1/1_ReLU").source
+
+
+def test_a_broken_reference_is_the_problems_fault_not_the_candidates(worker: EvalWorker) -> None:
+    broken = RELU_SOURCE.replace("return [torch.randn(batch_size, dim)]", "raise RuntimeError('dataset missing')")
+    result = worker.evaluate(request(_custom_problem(broken), RELU_SOLUTION))
+    assert result.error_kind == "bad_problem"
+    assert "dataset missing" in result.error_message
+
+
+def test_a_reference_that_crashes_this_device_means_cannot_verify_never_wrong(worker: EvalWorker) -> None:
+    crashing = RELU_SOURCE.replace("return torch.relu(x)", "import ctypes\n        return ctypes.string_at(0)")
+    result = worker.evaluate(request(_custom_problem(crashing), RELU_SOLUTION))
+    assert result.error_kind == "cannot_verify"
+    assert worker.evaluate(request(builtin_problems().get("level1/1_ReLU"), RELU_SOLUTION)).correctness
+
+
+def test_a_request_without_a_reference_program_is_answered_clearly(worker: EvalWorker) -> None:
+    result = worker.evaluate(request(_custom_problem(""), RELU_SOLUTION))
+    assert result.error_kind == "bad_problem" and "custom/probe" in result.error_message
