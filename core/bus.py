@@ -45,6 +45,13 @@ _RETRYABLE_PUBLISH = (
     nats.errors.StaleConnectionError,
 )
 _FETCH_EMPTY = (nats.errors.TimeoutError, asyncio.TimeoutError, nats.js.errors.FetchTimeoutError)
+# JetStream briefly unavailable (server restarting, reconnecting): wait and try again, never crash the actor
+_FETCH_UNAVAILABLE = (
+    nats.js.errors.ServiceUnavailableError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+)
 
 
 class Delivery(Generic[T]):
@@ -98,6 +105,10 @@ class PullConsumer(Generic[T]):
         try:
             raws = await self._psub.fetch(batch, timeout=timeout_s)
         except _FETCH_EMPTY:
+            return []
+        except _FETCH_UNAVAILABLE as exc:
+            log.warning("fetch from %s: JetStream unavailable (%r); retrying", self.name, exc)
+            await asyncio.sleep(min(timeout_s, 0.5))
             return []
         out: list[Delivery[T]] = []
         for raw in raws:

@@ -21,6 +21,7 @@ class ChildSpec(msgspec.Struct, frozen=True, kw_only=True):
     argv: list[str]
     restart: bool = True
     max_restarts: int = 5
+    backoff_s: float = 1.0
 
 
 class Supervisor:
@@ -28,6 +29,7 @@ class Supervisor:
         self.specs = specs
         self.grace_s = grace_s
         self.exit_codes: dict[str, int] = {}
+        self.starts: dict[str, int] = {spec.name: 0 for spec in specs}
         self.finished: dict[str, asyncio.Event] = {spec.name: asyncio.Event() for spec in specs}
 
     async def run(self, stopping: asyncio.Event) -> dict[str, int]:
@@ -41,6 +43,7 @@ class Supervisor:
         try:
             while not stopping.is_set():
                 proc = await asyncio.create_subprocess_exec(*spec.argv)
+                self.starts[spec.name] += 1
                 log.info("started %s (pid %d)", spec.name, proc.pid)
                 code = await self._wait_or_stop(proc, stopping)
                 self.exit_codes[spec.name] = code
@@ -55,7 +58,7 @@ class Supervisor:
                     return
                 log.warning("%s exited with status %d; restart %d/%d", spec.name, code, restarts, spec.max_restarts)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), min(2.0**restarts, 30.0))
+                    await asyncio.wait_for(stopping.wait(), min(spec.backoff_s * 2.0 ** (restarts - 1), 30.0))
         finally:
             self.finished[spec.name].set()
 
