@@ -161,3 +161,29 @@ async def test_a_job_that_exhausts_its_deliveries_is_answered_as_evaluator_lost(
             assert second.wait(timeout=30) == 0
         finally:
             await bus.close()
+
+
+async def test_evaluator_survives_a_nats_server_restart_and_keeps_answering(
+    tmp_path: Path, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
+    run_id = "restart"
+    async with EmbeddedNatsServer(tmp_path / "nats") as server:
+        bus = await Bus.connect(BusSettings(url=server.url, run=run_id), name="test")
+        try:
+            await bus.provision()
+            evaluator = start_evaluator(spawn, server.url, run_id)
+            replies, reply_to = await listen(bus, "gen-r")
+            await bus.publish(bus.subjects.eval_request, eval_request(bus, reply_to, RELU.solution or ""))
+            await wait_for(lambda: len(replies.results) == 1, 60, "the first result")
+            server.kill()
+            await asyncio.sleep(1.0)
+            await server.start()
+            await asyncio.sleep(2.0)  # clients reconnect and resubscribe
+            await bus.publish(bus.subjects.eval_request, eval_request(bus, reply_to, RELU.solution or ""))
+            await wait_for(lambda: len(replies.results) == 2, 60, "a result after the restart")
+            assert all(r.correctness for r in replies.results)
+            assert evaluator.poll() is None
+            evaluator.send_signal(signal.SIGTERM)
+            assert evaluator.wait(timeout=30) == 0
+        finally:
+            await bus.close()
