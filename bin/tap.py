@@ -35,6 +35,8 @@ async def amain(args: argparse.Namespace) -> int:
         await queue.put(msg)
 
     await nc.subscribe(subject, cb=on_msg)
+    await nc.flush()
+    print(f"tap: watching {subject}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -72,7 +72,7 @@ async def test_tap_prints_one_decoded_line_per_message_and_flags_garbage(
     bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:
     tap = spawn("tap", "--nats", nats_server.url, "--run", run_id, "--count", "3", "--timeout", "30")
-    await asyncio.sleep(1.5)  # let it subscribe
+    assert "tap: watching" in await asyncio.to_thread(tap.stdout.readline)  # type: ignore[union-attr]
     await bus.publish(bus.subjects.event_turn, small_turn(run_id, 7))
     await bus.publish_core(bus.subjects.eval_result("gen-1"), m.EvalResult(eval_id="e9", compiled=True))
     await bus.nc.publish(bus.subjects.event_step, b"{oops")
@@ -88,7 +88,7 @@ async def test_tap_json_prints_the_whole_message(
     bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:
     tap = spawn("tap", f"krl.{run_id}.event.turn", "--nats", nats_server.url, "--json", "--count", "1", "--timeout", "30")
-    await asyncio.sleep(1.5)
+    assert "tap: watching" in await asyncio.to_thread(tap.stdout.readline)  # type: ignore[union-attr]
     await bus.publish(bus.subjects.event_turn, small_turn(run_id, 1))
     out, _ = await asyncio.to_thread(tap.communicate, timeout=30)
     record = orjson.loads(next(ln for ln in out.splitlines() if ln.startswith("{")))

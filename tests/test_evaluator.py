@@ -12,6 +12,7 @@ from pathlib import Path
 import nats.aio.msg
 
 from kernelrl.core import messages as m
+from kernelrl.core import subjects as s
 from kernelrl.core.bus import Bus
 from kernelrl.core.config import BusSettings
 from kernelrl.core.nats_server import EmbeddedNatsServer
@@ -52,6 +53,17 @@ def eval_request(bus: Bus, reply_to: str, candidate: str, problem_id: str = "lev
     return m.EvalRequest(
         eval_id=m.new_id(), run_id=bus.settings.run, problem_id=problem_id, candidate_source=candidate, reply_to=reply_to
     )
+
+
+async def job_in_flight(bus: Bus, timeout_s: float = 60) -> None:
+    """Wait until an evaluator has taken the job and not yet acked it."""
+    for _ in range(int(timeout_s / 0.1)):
+        info = await bus.js.consumer_info(bus.subjects.eval_stream, s.EVALUATORS_CONSUMER)
+        if info.num_ack_pending == 1:
+            await asyncio.sleep(0.5)  # well inside the job
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("no evaluator took the job")
 
 
 def start_evaluator(spawn: Callable[..., subprocess.Popen[str]], url: str, run_id: str, *extra: str) -> subprocess.Popen[str]:
@@ -116,10 +128,9 @@ async def test_evaluator_killed_mid_job_the_job_is_redelivered_and_answered_once
             await bus.provision()  # the consumer now redelivers 4 s after a lost evaluator's last sign of life
             replies, reply_to = await listen(bus, "gen-k")
             first = start_evaluator(spawn, server.url, run_id)
-            await asyncio.sleep(4)  # its worker is up
             request = eval_request(bus, reply_to, SLOW_RELU)
             await bus.publish(bus.subjects.eval_request, request)
-            await asyncio.sleep(1.5)  # mid-job: five trials of 0.6 s each
+            await job_in_flight(bus)  # the first evaluator holds it: five trials of 0.6 s each
             first.send_signal(signal.SIGKILL)
             first.wait()
             assert replies.results == []
@@ -145,10 +156,9 @@ async def test_a_job_that_exhausts_its_deliveries_is_answered_as_evaluator_lost(
             await bus.provision()
             replies, reply_to = await listen(bus, "gen-l")
             first = start_evaluator(spawn, server.url, run_id)
-            await asyncio.sleep(4)
             request = eval_request(bus, reply_to, SLOW_RELU)
             await bus.publish(bus.subjects.eval_request, request)
-            await asyncio.sleep(1.5)
+            await job_in_flight(bus)
             first.send_signal(signal.SIGKILL)
             first.wait()
             second = start_evaluator(spawn, server.url, run_id)
