@@ -89,6 +89,7 @@ class _Module:
         self.functions: dict[str, ast.FunctionDef] = {}
         self.kernels: set[str] = set()
         self.model_new: ast.ClassDef | None = None
+        self.methods: dict[str, ast.FunctionDef] = {}
         for node in tree.body:
             if isinstance(node, ast.FunctionDef):
                 self.functions[node.name] = node
@@ -96,6 +97,7 @@ class _Module:
                     self.kernels.add(node.name)
             elif isinstance(node, ast.ClassDef) and node.name == "ModelNew":
                 self.model_new = node
+                self.methods = {n.name: n for n in node.body if isinstance(n, ast.FunctionDef)}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for a in node.names:
@@ -118,14 +120,10 @@ class _Module:
         name = self.resolve(target) or ""
         return name.startswith("triton.") and name.rsplit(".", 1)[-1] in ("jit", "autotune", "heuristics")
 
-    def methods(self) -> dict[str, ast.FunctionDef]:
-        assert self.model_new is not None
-        return {n.name: n for n in self.model_new.body if isinstance(n, ast.FunctionDef)}
-
     def nn_module_attributes(self) -> dict[str, str]:
         """``self.<attr>`` assigned a compute ``nn`` module in ``__init__``: attr → module class."""
         found: dict[str, str] = {}
-        init = self.methods().get("__init__")
+        init = self.methods.get("__init__")
         if init is None:
             return found
         for node in ast.walk(init):
@@ -139,7 +137,7 @@ class _Module:
 
     def reachable_from_forward(self) -> list[ast.FunctionDef]:
         """ModelNew methods and module functions that ``forward`` can call, by name; kernels excluded."""
-        methods = self.methods()
+        methods = self.methods
         todo = [methods["forward"]] if "forward" in methods else []
         seen: dict[int, ast.FunctionDef] = {}
         while todo:
@@ -229,7 +227,7 @@ def static_gate(source: str) -> GateRejection | None:
         return rejection
     if module.model_new is None:
         return GateRejection("no_model", "the candidate does not define class ModelNew")
-    if "forward" not in module.methods():
+    if "forward" not in module.methods:
         return GateRejection("no_model", "ModelNew does not define forward()")
     if not module.kernels:
         return GateRejection("no_kernel", "no @triton.jit kernel is defined")

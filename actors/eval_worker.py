@@ -248,14 +248,13 @@ class EvalWorker:
     def evaluate(self, request: m.EvalRequest) -> m.EvalResult:
         """The verdict on one candidate. Never raises for anything the candidate does."""
         t0 = time.perf_counter()
-        rejection = static_gate(request.candidate_source)
         if not request.problem_source.strip():
             result = m.EvalResult(
                 error_kind="bad_problem",
                 error_message=f"no reference program for {request.problem_id!r}: the request carries no problem_source "
                 "and the evaluator's problem set has no such problem",
             )
-        elif rejection is not None:
+        elif (rejection := static_gate(request.candidate_source)) is not None:
             result = m.EvalResult(error_kind=rejection.error_kind, error_message=rejection.message)
         else:
             result = self._run_in_worker(request)

@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 
 from kernelrl.actors.eval_worker import EvalWorker
+from kernelrl.bin.common import command_main
 from kernelrl.core import messages as m
 
 
@@ -69,9 +70,7 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kernelrl check", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return command_main("kernelrl check", __doc__, add_arguments, amain, argv)
 
 
 if __name__ == "__main__":

@@ -75,10 +75,6 @@ class Delivery(Generic[T]):
     def stream_seq(self) -> int:
         return self.raw.metadata.sequence.stream
 
-    @property
-    def num_delivered(self) -> int:
-        return self.raw.metadata.num_delivered
-
     async def ack(self) -> None:
         await self.raw.ack()
 

@@ -38,9 +38,6 @@ class ProblemSet(msgspec.Struct, frozen=True):
                 return p
         raise KeyError(f"no problem {problem_id!r} under {self.root} ({len(self.problems)} problems)")
 
-    def ids(self) -> list[str]:
-        return [p.id for p in self.problems]
-
 
 def load_problem_set(root: Path | str) -> ProblemSet:
     root = Path(root)
