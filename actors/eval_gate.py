@@ -1,16 +1,32 @@
 """Static gate: reject a candidate before it runs, with the ``error_kind`` the rejection deserves.
 
-A candidate passes only if it parses, defines ``ModelNew`` and a ``@triton.jit`` kernel that code reachable
-from ``ModelNew.forward`` launches, and, in that reachable code, neither computes with PyTorch ops, calls the
-reference ``Model``, falls back in ``try/except``, monkey-patches modules, nor reaches for threads,
-processes, native code, the network or ``exec``. The gate is a first line; the worker's sandbox is the
-second (a dynamic trick that slips past here still runs only in the isolated worker).
+An allow-list, not a block-list. A candidate passes only if it parses, defines ``ModelNew`` and a
+``@triton.jit`` kernel that code reachable from ``ModelNew.forward`` launches, and:
+
+- imports only ``torch``, ``torch.nn``, ``torch.nn.functional``, ``triton``, ``triton.language``,
+  ``math`` (plus ``__future__`` and type names from ``typing``: type hints have no runtime power);
+- every name it reaches through ``torch``/``triton``/``math`` anywhere in the module (not only in
+  ``forward``) is on an allow-list: allocation, dtypes, shape/device queries, ``nn`` parameter holders,
+  ``triton.jit``/``autotune``/``Config``/``cdiv``/``next_power_of_2`` and ``tl.*`` (resolved against the
+  installed Triton, so ``tl.extra.module_from_spec`` and other re-exported helpers do not pass);
+- modules are only ever used through an attribute (``torch.empty``), never as values (``t = torch``);
+- no dunder names or attributes (``super().__init__`` excepted), no private attributes outside ``self``,
+  no ``getattr``/``setattr``/``vars``/``globals``/``locals``/``type``/``exec``/``open``…;
+- no assignment to a module's attributes (monkey-patching), no reference to the reference program;
+- in code reachable from ``forward``: no ``try/except`` fallbacks, no ``@``, no tensor compute methods,
+  no calls of ``nn`` compute modules held in ``self``.
+
+Every message says what to change: it is fed back to the policy. The gate is the first line; the
+runner's dispatch check and the judge's checks (see ``eval_judge``) are the ones that decide.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
+import types
 from collections.abc import Iterator
+from functools import cache
 
 import msgspec
 
@@ -20,33 +36,61 @@ class GateRejection(msgspec.Struct, frozen=True):
     message: str
 
 
-FORBIDDEN_MODULES = frozenset(
+ALLOWED_MODULES = frozenset(
+    {"torch", "torch.nn", "torch.nn.functional", "triton", "triton.language", "math", "typing", "__future__"}
+)
+# from typing: type names only (typing also re-exports sys, so its attributes are allow-listed too)
+TYPING_NAMES = frozenset(
+    {"Optional", "Tuple", "List", "Dict", "Union", "Any", "Callable", "Sequence", "Iterable", "Mapping", "Final"}
+)
+TORCH_DTYPES = frozenset(
     {
-        "threading", "_thread", "multiprocessing", "concurrent", "subprocess", "asyncio", "signal",
-        "ctypes", "cffi", "socket", "ssl", "http", "urllib", "requests", "pickle", "marshal", "shutil",
-        "importlib", "inspect", "gc", "sys", "builtins",
+        "float", "float32", "float16", "half", "bfloat16", "float64", "double", "int", "int32", "int64", "long",
+        "int16", "short", "int8", "uint8", "bool", "float8_e4m3fn", "float8_e5m2", "complex64",
     }
+)  # fmt: skip
+ALLOWED_TORCH = frozenset(
+    {f"torch.{name}" for name in TORCH_DTYPES}
+    | {
+        f"torch.{name}"
+        for name in (
+            # allocation (random fills are for parameters in __init__; forward is checked at run time)
+            "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full",
+            "full_like", "arange", "tensor", "as_tensor", "rand", "rand_like", "randn", "randn_like",
+            "randint",
+            # types, shape, dtype and device queries, autograd context
+            "Tensor", "Size", "device", "dtype", "finfo", "iinfo", "is_tensor", "is_floating_point",
+            "get_default_dtype", "promote_types", "result_type", "no_grad", "inference_mode",
+            "contiguous_format", "channels_last", "preserve_format",
+            # devices and streams
+            "cuda", "cuda.current_device", "cuda.current_stream", "cuda.default_stream", "cuda.device",
+            "cuda.is_available", "cuda.get_device_capability", "cuda.get_device_properties", "cuda.Stream",
+            "cuda.stream", "cuda.synchronize", "cuda.device_count",
+            # nn: the module base class and parameter holders (calling a compute module is checked apart)
+            "nn", "nn.Module", "nn.Parameter", "nn.ParameterList", "nn.ModuleList", "nn.Identity",
+            "nn.Linear", "nn.Bilinear", "nn.Conv1d", "nn.Conv2d", "nn.Conv3d", "nn.ConvTranspose1d",
+            "nn.ConvTranspose2d", "nn.ConvTranspose3d", "nn.LayerNorm", "nn.GroupNorm", "nn.RMSNorm",
+            "nn.BatchNorm1d", "nn.BatchNorm2d", "nn.BatchNorm3d", "nn.InstanceNorm1d", "nn.InstanceNorm2d",
+            "nn.Embedding", "nn.init", "nn.functional",
+        )
+    }
+)  # fmt: skip
+ALLOWED_TORCH_PREFIXES = ("torch.nn.init.",)
+ALLOWED_TRITON = frozenset(
+    {"triton.jit", "triton.autotune", "triton.Config", "triton.cdiv", "triton.next_power_of_2", "triton.heuristics",
+     "triton.language"}
+)  # fmt: skip
+# triton.language submodules a kernel may reach (libdevice math); everything else there is Triton's own machinery
+ALLOWED_TL_MODULES = frozenset(
+    {"triton.language", "triton.language.math", "triton.language.extra", "triton.language.extra.libdevice",
+     "triton.language.extra.cuda", "triton.language.extra.cuda.libdevice", "triton.language.extra.hip",
+     "triton.language.extra.hip.libdevice"}
 )  # fmt: skip
 FORBIDDEN_BUILTINS = frozenset(
-    {"exec", "eval", "compile", "__import__", "open", "breakpoint", "globals", "setattr", "delattr", "input"}
-)
-FORBIDDEN_OS = frozenset(
     {
-        "system", "popen", "fork", "forkpty", "kill", "killpg", "_exit", "abort", "posix_spawn",
-        "posix_spawnp", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
-        "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-        "remove", "unlink", "rmdir", "removedirs", "rename", "replace", "chmod", "chown", "putenv",
-    }
-)  # fmt: skip
-PATCHABLE_ROOTS = frozenset({"torch", "triton", "time", "os", "math", "numpy", "random"})
-# torch functions that allocate or describe tensors; every other torch.* call computes.
-ALLOWED_TORCH = frozenset(
-    {
-        "empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
-        "empty_strided", "arange", "tensor", "as_tensor", "Size", "device", "dtype", "finfo", "iinfo",
-        "is_tensor", "no_grad", "inference_mode", "get_default_dtype", "promote_types", "result_type",
-        "float32", "float16", "bfloat16", "float64", "int32", "int64", "int8", "uint8", "bool",
-        "cuda.current_device", "cuda.current_stream", "cuda.device", "cuda.is_available", "cuda.get_device_capability",
+        "exec", "eval", "compile", "open", "breakpoint", "input", "getattr", "setattr", "delattr", "hasattr",
+        "vars", "globals", "locals", "dir", "type", "memoryview", "help", "exit", "quit", "classmethod",
+        "staticmethod", "property",
     }
 )  # fmt: skip
 COMPUTE_METHODS = frozenset(
@@ -56,6 +100,7 @@ COMPUTE_METHODS = frozenset(
         "norm", "var", "std", "add", "sub", "mul", "div", "abs", "clamp", "clip", "neg", "erf", "cumsum",
         "prod", "sort", "topk", "addmm", "baddbmm", "where", "masked_fill", "maximum", "minimum",
         "square", "reciprocal", "lerp", "addcmul", "addcdiv", "logsumexp", "einsum", "outer", "tril", "triu",
+        "numpy", "tolist", "item", "storage", "untyped_storage", "apply_", "map_",
     }
 )  # fmt: skip
 NN_COMPUTE_MODULES = frozenset(
@@ -67,6 +112,8 @@ NN_COMPUTE_MODULES = frozenset(
         "AvgPool1d", "AvgPool2d", "LSTM", "GRU", "RNN", "Transformer", "TransformerEncoderLayer", "Sequential",
     }
 )  # fmt: skip
+REFERENCE_NAMES = frozenset({"Model", "get_inputs", "get_init_inputs"})
+ALLOWED_TORCH_HINT = "from torch only allocation (torch.empty…), dtypes, shape/device queries and nn parameter holders"
 
 
 def _dotted(node: ast.expr) -> str | None:
@@ -80,6 +127,62 @@ def _dotted(node: ast.expr) -> str | None:
     return None
 
 
+def _is_dunder(name: str) -> bool:
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
+@cache
+def _triton_language() -> types.ModuleType | None:
+    try:
+        import triton.language
+
+        return triton.language
+    except ImportError:  # pragma: no cover - triton is a dependency
+        return None
+
+
+def _tl_chain_allowed(chain: list[str]) -> bool:
+    """A ``triton.language.a.b`` chain, resolved against the installed Triton, stays inside the language."""
+    obj: object = _triton_language()
+    if obj is None:
+        return True
+    for name in chain:
+        if name.startswith("_"):
+            return False
+        try:
+            obj = getattr(obj, name)
+        except AttributeError:
+            return True  # does not exist: the compiler will say so
+        if isinstance(obj, types.ModuleType):
+            if obj.__name__ not in ALLOWED_TL_MODULES:
+                return False
+            continue
+        owner = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", "")
+        if not isinstance(obj, int | float | str | bool) and not str(owner).startswith("triton"):
+            return False
+    return True
+
+
+def name_allowed(full: str) -> bool:
+    """Whether a fully resolved dotted name (``torch.empty``, ``triton.language.load``) may be used."""
+    root = full.split(".", 1)[0]
+    if root == "torch":
+        return full in ALLOWED_TORCH or (full.startswith(ALLOWED_TORCH_PREFIXES) and not _has_private(full))
+    if root == "triton":
+        if full.startswith("triton.language."):
+            return _tl_chain_allowed(full.split(".")[2:])
+        return full in ALLOWED_TRITON or full == "triton"
+    if root == "math":
+        return not _has_private(full)
+    if root == "typing":
+        return full == "typing" or full.removeprefix("typing.") in TYPING_NAMES
+    return True
+
+
+def _has_private(full: str) -> bool:
+    return any(part.startswith("_") for part in full.split(".")[1:])
+
+
 class _Module:
     """What the gate needs to know about the candidate module."""
 
@@ -90,21 +193,25 @@ class _Module:
         self.kernels: set[str] = set()
         self.model_new: ast.ClassDef | None = None
         self.methods: dict[str, ast.FunctionDef] = {}
+        self.parents: dict[int, ast.AST] = {}
         for node in tree.body:
             if isinstance(node, ast.FunctionDef):
                 self.functions[node.name] = node
-                if any(self._is_triton_decorator(d) for d in node.decorator_list):
-                    self.kernels.add(node.name)
             elif isinstance(node, ast.ClassDef) and node.name == "ModelNew":
                 self.model_new = node
                 self.methods = {n.name: n for n in node.body if isinstance(n, ast.FunctionDef)}
         for node in ast.walk(tree):
+            for child in ast.iter_child_nodes(node):
+                self.parents[id(child)] = node
             if isinstance(node, ast.Import):
                 for a in node.names:
                     self.aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 for a in node.names:
                     self.aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+        for name, fn in self.functions.items():
+            if any(self._is_triton_decorator(d) for d in fn.decorator_list):
+                self.kernels.add(name)
 
     def resolve(self, node: ast.expr) -> str | None:
         """The full dotted name of an expression, through import aliases (``F.relu`` → ``torch.nn.functional.relu``)."""
@@ -114,6 +221,10 @@ class _Module:
         root, _, rest = dotted.partition(".")
         full = self.aliases.get(root, root)
         return f"{full}.{rest}" if rest else full
+
+    def is_imported(self, node: ast.expr) -> bool:
+        dotted = _dotted(node)
+        return dotted is not None and dotted.split(".", 1)[0] in self.aliases
 
     def _is_triton_decorator(self, node: ast.expr) -> bool:
         target = node.func if isinstance(node, ast.Call) else node
@@ -165,31 +276,110 @@ def _launches(fn: ast.FunctionDef, kernels: set[str]) -> bool:
     return False
 
 
-def _forbidden_everywhere(module: _Module) -> Iterator[GateRejection]:
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _imports(module: _Module) -> Iterator[GateRejection]:
+    allowed = ", ".join(sorted(ALLOWED_MODULES - {"__future__", "typing"}))
     for node in ast.walk(module.tree):
-        if isinstance(node, ast.Import | ast.ImportFrom):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        if isinstance(node, ast.ImportFrom):
+            if node.level or not node.module:
+                yield GateRejection("forbidden", f"line {node.lineno}: relative import; allowed imports: {allowed}")
+                continue
+            names = [a.name for a in node.names]
+            if "*" in names:
+                yield GateRejection("forbidden", f"line {node.lineno}: 'from {node.module} import *'; import names explicitly")
+                continue
+            if node.module == "__future__":
+                continue
+            if node.module not in ALLOWED_MODULES:
+                yield _unknown_import(node.lineno, node.module, allowed)
+                continue
             for name in names:
-                if name.split(".")[0] in FORBIDDEN_MODULES:
-                    yield GateRejection("forbidden", f"line {node.lineno}: imports {name}; threads, processes, "
-                                        "native code, the network and introspection are not allowed")  # fmt: skip
-        elif isinstance(node, ast.Call):
-            if isinstance(node.func, ast.Name) and node.func.id in FORBIDDEN_BUILTINS:
-                yield GateRejection("forbidden", f"line {node.lineno}: calls {node.func.id}()")
-            name = module.resolve(node.func) or ""
-            if name.startswith("os.") and name.split(".")[-1] in FORBIDDEN_OS:
-                yield GateRejection("forbidden", f"line {node.lineno}: calls {name}()")
-        elif isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign | ast.Delete):
+                full = f"{node.module}.{name}"
+                if full not in ALLOWED_MODULES and not name_allowed(full):
+                    yield GateRejection("forbidden", f"line {node.lineno}: imports {full}; {_what_instead(full)}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name not in ALLOWED_MODULES:
+                    yield _unknown_import(node.lineno, a.name, allowed)
+
+
+def _unknown_import(lineno: int, name: str, allowed: str) -> GateRejection:
+    if not _module_exists(name):
+        return GateRejection("import", f"line {lineno}: No module named {name!r}; allowed imports: {allowed}")
+    return GateRejection("forbidden", f"line {lineno}: imports {name}; only these imports are allowed: {allowed}")
+
+
+def _what_instead(full: str) -> str:
+    if full.startswith("torch"):
+        return f"it computes with PyTorch (or reaches beyond it): do the work in a @triton.jit kernel; {ALLOWED_TORCH_HINT}"
+    if full.startswith("triton.language"):
+        return "only the Triton language itself (tl.load, tl.store, tl.math…) may be used, not Triton's internals"
+    if full.startswith("triton"):
+        return "from triton only jit, autotune, heuristics, Config, cdiv, next_power_of_2 and triton.language"
+    return "not allowed"
+
+
+def _maximal_chains(module: _Module) -> Iterator[ast.expr]:
+    """Every Name/Attribute chain that is not itself the value of a longer attribute chain."""
+    for node in ast.walk(module.tree):
+        if isinstance(node, ast.Name | ast.Attribute):
+            parent = module.parents.get(id(node))
+            if isinstance(parent, ast.Attribute) and parent.value is node:
+                continue
+            yield node
+
+
+def _names_and_attributes(module: _Module) -> Iterator[GateRejection]:
+    for node in ast.walk(module.tree):
+        if isinstance(node, ast.Name) and _is_dunder(node.id):
+            yield GateRejection("forbidden", f"line {node.lineno}: uses {node.id}; dunder names are not allowed")
+        elif isinstance(node, ast.Name) and node.id in FORBIDDEN_BUILTINS and isinstance(node.ctx, ast.Load):
+            yield GateRejection("forbidden", f"line {node.lineno}: uses the builtin {node.id}; "
+                                "introspection, dynamic attribute access and file access are not allowed")  # fmt: skip
+        elif isinstance(node, ast.Name) and node.id in REFERENCE_NAMES and isinstance(node.ctx, ast.Load):
+            yield GateRejection("forbidden", f"line {node.lineno}: refers to the reference program ({node.id})")
+        elif isinstance(node, ast.Attribute):
+            if node.attr in REFERENCE_NAMES:
+                yield GateRejection("forbidden", f"line {node.lineno}: refers to the reference program ({node.attr})")
+            elif _is_dunder(node.attr):
+                is_super_init = (
+                    node.attr == "__init__"
+                    and isinstance(node.value, ast.Call)
+                    and isinstance(node.value.func, ast.Name)
+                    and node.value.func.id == "super"
+                )
+                if not is_super_init:
+                    yield GateRejection("forbidden", f"line {node.lineno}: accesses .{node.attr}; dunder attributes are not "
+                                        "allowed (super().__init__() is)")  # fmt: skip
+            elif node.attr.startswith("_") and _dotted(node.value) != "self":
+                yield GateRejection("forbidden", f"line {node.lineno}: accesses the private attribute .{node.attr}")
+    for chain in _maximal_chains(module):
+        if not module.is_imported(chain):
+            continue
+        full = module.resolve(chain) or ""
+        parent = module.parents.get(id(chain))
+        if full in ALLOWED_MODULES and not isinstance(parent, ast.Import | ast.ImportFrom):
+            yield GateRejection("forbidden", f"line {chain.lineno}: uses the module {full} as a value; "
+                                f"call what you need through it ({full}.…)")  # fmt: skip
+        elif full not in ALLOWED_MODULES and not name_allowed(full):
+            yield GateRejection("forbidden", f"line {chain.lineno}: uses {full}; {_what_instead(full)}")
+
+
+def _monkey_patching(module: _Module) -> Iterator[GateRejection]:
+    for node in ast.walk(module.tree):
+        if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign | ast.Delete):
             targets = node.targets if isinstance(node, ast.Assign | ast.Delete) else [node.target]
             for target in targets:
-                if isinstance(target, ast.Attribute):
-                    name = module.resolve(target) or ""
-                    if name.split(".")[0] in PATCHABLE_ROOTS:
-                        yield GateRejection("forbidden", f"line {node.lineno}: monkey-patches {name}")
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id == "Model":
-            yield GateRejection("forbidden", f"line {node.lineno}: refers to the reference Model")
-        elif isinstance(node, ast.Attribute) and node.attr in ("Model", "get_inputs", "get_init_inputs"):
-            yield GateRejection("forbidden", f"line {node.lineno}: refers to the reference program ({node.attr})")
+                for sub in ast.walk(target):
+                    if isinstance(sub, ast.Attribute | ast.Subscript) and module.is_imported(sub.value):
+                        yield GateRejection("forbidden", f"line {node.lineno}: assigns into {module.resolve(sub.value)} "
+                                            "(monkey-patching is not allowed)")  # fmt: skip
 
 
 def _torch_fallbacks(module: _Module, fn: ast.FunctionDef, nn_attrs: dict[str, str]) -> Iterator[GateRejection]:
@@ -199,19 +389,13 @@ def _torch_fallbacks(module: _Module, fn: ast.FunctionDef, nn_attrs: dict[str, s
         elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
             yield GateRejection("forbidden", f"line {node.lineno}: computes with the @ operator instead of a Triton kernel")
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-            name = module.resolve(node.func) or ""
-            if name.startswith("torch."):
-                short = name.removeprefix("torch.")
-                if short not in ALLOWED_TORCH and not short.startswith(("cuda.Stream", "testing")):
-                    yield GateRejection("forbidden", f"line {node.lineno}: computes with {name} instead of a Triton kernel")
-                continue
-            if name.startswith(("triton.", "math.")):
-                continue
+            if module.is_imported(node.func):
+                continue  # module functions: checked against the allow-list
             method = node.func.attr
             owner = _dotted(node.func.value)
             if owner == "self" and method in nn_attrs:
                 yield GateRejection("forbidden", f"line {node.lineno}: calls the nn.{nn_attrs[method]} self.{method} "
-                                    "instead of a Triton kernel")  # fmt: skip
+                                    "instead of a Triton kernel (keep it for its parameters only)")  # fmt: skip
             elif method.rstrip("_") in COMPUTE_METHODS:
                 yield GateRejection("forbidden", f"line {node.lineno}: computes with .{method}() instead of a Triton kernel")
 
@@ -222,9 +406,12 @@ def static_gate(source: str) -> GateRejection | None:
         tree = ast.parse(source)
     except SyntaxError as exc:
         return GateRejection("syntax", f"line {exc.lineno}: {exc.msg}")
+    except ValueError as exc:  # e.g. source with NUL bytes
+        return GateRejection("syntax", str(exc))
     module = _Module(tree)
-    for rejection in _forbidden_everywhere(module):
-        return rejection
+    for check in (_names_and_attributes, _imports, _monkey_patching):
+        for rejection in check(module):
+            return rejection
     if module.model_new is None:
         return GateRejection("no_model", "the candidate does not define class ModelNew")
     if "forward" not in module.methods:

@@ -1,22 +1,18 @@
-"""The evaluation worker: the only process where candidate code runs, and the handle that owns it.
+"""The evaluator's handle on its evaluation processes: ``EvalWorker``.
 
-``EvalWorker`` (in the evaluator's process) spawns ``python -m kernelrl.actors.eval_worker`` with a
-stripped environment, sends it one job at a time over a pipe, enforces each phase's time limit, and
-replaces the worker after a crash, a time-out or a CUDA fault. The worker confines itself
-(``eval_sandbox``) before it touches candidate code, and answers every job with an ``EvalResult``.
+``EvalWorker`` (in the evaluator's process) runs the static gate, then spawns the judge (``python -m
+kernelrl.actors.eval_judge``) with a stripped environment, sends it one job at a time over a pipe and
+enforces each phase's time limit as a backstop. The judge forks a fresh runner per job from its zygote
+(``eval_runner``) and decides the verdict. Every frame from the judge names its job; a frame for
+another job, or one that does not decode, replaces the judge and never reaches the caller as a verdict.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import faulthandler
 import os
-import re
-import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -25,183 +21,30 @@ from pathlib import Path
 
 import msgspec
 
+from kernelrl.actors import eval_protocol as p
 from kernelrl.actors.eval_gate import static_gate
-from kernelrl.actors.eval_sandbox import (
-    Sandbox,
-    WorkerLimits,
-    allow_cpu_seconds,
-    apply_limits,
-    die_with_parent,
-    isolate_network,
-    worker_environment,
-)
+from kernelrl.actors.eval_sandbox import WorkerLimits, worker_environment
+from kernelrl.actors.eval_zygote import SIGNAL_KINDS, candidate_frames
 from kernelrl.core import messages as m
 
-# ---------------------------------------------------------------- protocol (parent <-> worker pipes)
-
-
-class WorkerJob(msgspec.Struct, tag="job", frozen=True, kw_only=True):
-    job_id: str
-    problem_source: str
-    candidate_source: str
-    settings: m.CheckSettings
-    baseline_ms: float | None = None
-
-
-class WorkerReady(msgspec.Struct, tag="ready", frozen=True, kw_only=True):
-    device_name: str
-    torch_version: str
-    triton_version: str
-    network: str
-
-
-class WorkerPhase(msgspec.Struct, tag="phase", frozen=True):
-    name: str
-
-
-class WorkerRunning(msgspec.Struct, tag="running", frozen=True):
-    """Whose code the worker is running now: ``reference`` or ``candidate``."""
-
-    who: str
-
-
-class WorkerDone(msgspec.Struct, tag="done", frozen=True):
-    result: m.EvalResult
-
-
-Frame = WorkerJob | WorkerReady | WorkerPhase | WorkerRunning | WorkerDone
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(Frame)
-_HEADER = struct.Struct(">I")
-
-
-def write_frame(fd: int, frame: Frame) -> None:
-    data = _encoder.encode(frame)
-    payload = _HEADER.pack(len(data)) + data
-    view = memoryview(payload)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
-    """n bytes, or None at EOF; raises TimeoutError past the deadline."""
-    chunks, got = [], 0
-    while got < n:
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError
-        chunk = os.read(fd, n - got)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
-def read_frame(fd: int, deadline: float | None = None) -> Frame | None:
-    header = _read_exact(fd, _HEADER.size, deadline)
-    if header is None:
-        return None
-    body = _read_exact(fd, _HEADER.unpack(header)[0], deadline)
-    return None if body is None else _decoder.decode(body)
-
-
-# ---------------------------------------------------------------- the worker process
-
-
-def _worker_main(device: str, limits: WorkerLimits, root: Path) -> int:
-    proto_in, proto_out = os.dup(0), os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(2, 1)  # candidate prints go to the worker log, never into the protocol
-    faulthandler.enable()  # a segfault leaves a Python traceback in the log for the error message
-    die_with_parent()
-    on_gpu = device.startswith("cuda")
-    apply_limits(limits, on_gpu)
-    network = isolate_network()
-
-    import torch
-    import triton
-
-    from kernelrl.actors import eval_pipeline as pipeline
-
-    if not on_gpu:
-        pipeline.patch_triton_interpreter()
-    launches = pipeline.LaunchCounter()
-    launches.install()
-    sandbox = Sandbox([root / "triton-cache", root / "inductor-cache"])
-    sandbox.install()
-    device_name = torch.cuda.get_device_name(0) if on_gpu else "cpu (Triton interpreter)"
-    write_frame(
-        proto_out,
-        WorkerReady(
-            device_name=device_name,
-            torch_version=str(torch.__version__),
-            triton_version=str(triton.__version__),
-            network=network,
-        ),
-    )
-    torch_device = "cuda:0" if on_gpu else "cpu"
-    while True:
-        frame = read_frame(proto_in)
-        if frame is None:
-            return 0
-        assert isinstance(frame, WorkerJob)
-        allow_cpu_seconds(limits.cpu_seconds_per_job)
-        job_dir = Path(tempfile.mkdtemp(prefix=f"job-{frame.job_id[:12]}-", dir=root))
-        os.chdir(job_dir)
-        ctx = pipeline.CheckContext(
-            device=torch_device,
-            job_dir=job_dir,
-            report_phase=lambda name: write_frame(proto_out, WorkerPhase(name)),
-            report_running=lambda who: write_frame(proto_out, WorkerRunning(who)),
-            launches=launches,
-            enforcing=lambda jd=job_dir: sandbox.enforcing(jd),
-        )
-        result = pipeline.run_checks(frame.problem_source, frame.candidate_source, frame.settings, frame.baseline_ms, ctx)
-        write_frame(proto_out, WorkerDone(result))
-        os.chdir(root)
-        shutil.rmtree(job_dir, ignore_errors=True)
-        for name in [n for n in sys.modules if n.startswith(("krl_candidate_", "krl_reference_"))]:
-            del sys.modules[name]
-
-
-# ---------------------------------------------------------------- the handle in the evaluator's process
-
-_SIGNAL_KINDS = {
-    signal.SIGXCPU: ("timeout", "ran out of CPU time"),
-    signal.SIGXFSZ: ("resource", "wrote more than the file-size limit"),
-    signal.SIGKILL: ("out_of_memory", "was killed (out of memory?)"),
-    signal.SIGSEGV: ("crash", "crashed with a segmentation fault (an out-of-bounds memory access?)"),
-    signal.SIGBUS: ("crash", "crashed with a bus error (a misaligned or out-of-bounds access?)"),
-    signal.SIGABRT: ("crash", "aborted"),
-    signal.SIGILL: ("crash", "executed an illegal instruction"),
-    signal.SIGFPE: ("crash", "raised a floating-point exception"),
-}
-
-
-def candidate_frames(log_tail: str) -> str:
-    """The faulthandler lines that point into the candidate, without the worker's temp paths."""
-    lines = []
-    for line in log_tail.splitlines():
-        if line.startswith("Fatal Python error"):
-            lines.append(line.strip())
-        elif "candidate.py" in line:
-            lines.append(re.sub(r'File "[^"]*candidate\.py"', 'File "candidate.py"', line.strip()))
-    return "\n".join(lines)
+MAX_SOURCE_BYTES = 256 * 1024
+JUDGE_GRACE_S = 30.0  # the judge enforces each phase's limit on the runner; this backstop is for the judge itself
 
 
 class EvalWorker:
     """Owns one worker process; ``evaluate`` is blocking (run it in a thread from asyncio)."""
 
-    def __init__(self, device: str = "cpu", limits: WorkerLimits | None = None) -> None:
-        """``device``: ``cpu`` (Triton interpreter), ``cuda`` (the GPUs this process sees) or ``cuda:N``."""
+    def __init__(self, device: str = "cpu", limits: WorkerLimits | None = None, *, static_gate_enabled: bool = True) -> None:
+        """``device``: ``cpu`` (Triton interpreter), ``cuda`` (the GPUs this process sees) or ``cuda:N``.
+
+        ``static_gate_enabled=False`` is for tests of the layers beneath the gate (a candidate that got past it).
+        """
         self.device = device
         self.limits = limits or WorkerLimits()
         self.on_gpu = device.startswith("cuda")
         self.visible_gpu = device.split(":", 1)[1] if device.startswith("cuda:") else None
-        self.ready: WorkerReady | None = None
+        self.static_gate_enabled = static_gate_enabled
+        self.ready: p.WorkerReady | None = None
         self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._root: Path | None = None
@@ -209,10 +52,15 @@ class EvalWorker:
         self._jobs_on_this_worker = 0
 
     @property
+    def pid(self) -> int | None:
+        """The judge process's pid while it runs."""
+        return self._proc.pid if self.alive and self._proc is not None else None
+
+    @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, timeout_s: float = 300.0) -> WorkerReady:
+    def start(self, timeout_s: float = 300.0) -> p.WorkerReady:
         if self.alive and self.ready is not None:
             return self.ready
         self._root = Path(tempfile.mkdtemp(prefix="krl-worker-"))
@@ -220,23 +68,26 @@ class EvalWorker:
         limits_json = msgspec.json.encode(self.limits).decode()
         log = open(self._root / "worker.log", "wb")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "kernelrl.actors.eval_worker", "--device", "cuda" if self.on_gpu else "cpu",
+            [sys.executable, "-m", "kernelrl.actors.eval_judge", "--device", "cuda" if self.on_gpu else "cpu",
              "--limits", limits_json, "--root", str(self._root)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, cwd=self._root,
             start_new_session=True,
         )  # fmt: skip
         log.close()
-        frame = self._read(time.monotonic() + timeout_s)
-        if not isinstance(frame, WorkerReady):
+        try:
+            frame = self._read(time.monotonic() + timeout_s)
+        except (TimeoutError, p.ProtocolViolation):
+            frame = None
+        if not isinstance(frame, p.WorkerReady):
             tail = self._log_tail()
             self.stop()
             raise RuntimeError(f"evaluation worker failed to start on {self.device}:\n{tail}")
         self.ready = frame
         return frame
 
-    def _read(self, deadline: float | None) -> Frame | None:
+    def _read(self, deadline: float | None) -> p.WorkerFrame | None:
         assert self._proc is not None and self._proc.stdout is not None
-        return read_frame(self._proc.stdout.fileno(), deadline)
+        return p.WORKER_FRAMES.read(self._proc.stdout.fileno(), deadline)
 
     def _phase_limit(self, phase: str) -> float:
         return {
@@ -248,13 +99,15 @@ class EvalWorker:
     def evaluate(self, request: m.EvalRequest) -> m.EvalResult:
         """The verdict on one candidate. Never raises for anything the candidate does."""
         t0 = time.perf_counter()
-        if not request.problem_source.strip():
+        if (problem := _request_problem(request)) is not None:
+            result = problem
+        elif not request.problem_source.strip():
             result = m.EvalResult(
                 error_kind="bad_problem",
                 error_message=f"no reference program for {request.problem_id!r}: the request carries no problem_source "
                 "and the evaluator's problem set has no such problem",
             )
-        elif (rejection := static_gate(request.candidate_source)) is not None:
+        elif self.static_gate_enabled and (rejection := static_gate(request.candidate_source)) is not None:
             result = m.EvalResult(error_kind=rejection.error_kind, error_message=rejection.message)
         else:
             result = self._run_in_worker(request)
@@ -273,7 +126,7 @@ class EvalWorker:
         ready = self.start()
         self._jobs_on_this_worker += 1
         baseline_key = (request.problem_id, ready.device_name, ready.torch_version)
-        job = WorkerJob(
+        job = p.WorkerJob(
             job_id=request.eval_id,
             problem_source=request.problem_source,
             candidate_source=request.candidate_source,
@@ -282,34 +135,43 @@ class EvalWorker:
         )
         assert self._proc is not None and self._proc.stdin is not None
         try:
-            write_frame(self._proc.stdin.fileno(), job)
+            p.WORKER_FRAMES.write(self._proc.stdin.fileno(), job)
         except BrokenPipeError:
             return self._worker_died("load", "candidate")
         phase, running = "load", "candidate"
-        deadline = time.monotonic() + self._phase_limit(phase)
+        deadline = time.monotonic() + self._phase_limit(phase) + JUDGE_GRACE_S
         while True:
             try:
                 frame = self._read(deadline)
             except TimeoutError:
                 self._replace()
+                if running == "reference":
+                    limit = self._phase_limit(phase)
+                    return m.EvalResult(error_kind="cannot_verify", error_message=f"the reference program did not "
+                                        f"finish its {phase} phase within {limit:.0f}s on {self.device}")  # fmt: skip
                 return m.EvalResult(
                     compiled=phase != "load",
                     error_kind="timeout",
                     error_message=f"the {phase} phase exceeded its {self._phase_limit(phase):.0f}s limit",
                 )
+            except p.ProtocolViolation as exc:
+                self._replace()
+                return m.EvalResult(error_kind="cannot_verify", error_message=f"the evaluation judge sent {exc}")
             if frame is None:
                 return self._worker_died(phase, running)
-            if isinstance(frame, WorkerRunning):
+            if getattr(frame, "job_id", None) != request.eval_id:
+                self._replace()
+                return m.EvalResult(error_kind="cannot_verify", error_message="the evaluation judge answered "
+                                    f"for another job ({type(frame).__name__}); it was replaced")  # fmt: skip
+            if isinstance(frame, p.WorkerRunning):
                 running = frame.who
-            elif isinstance(frame, WorkerPhase):
+            elif isinstance(frame, p.WorkerPhase):
                 phase = frame.name
-                deadline = time.monotonic() + self._phase_limit(phase)
-            elif isinstance(frame, WorkerDone):
+                deadline = time.monotonic() + self._phase_limit(phase) + JUDGE_GRACE_S
+            elif isinstance(frame, p.WorkerDone):
                 result = frame.result
                 if result.correctness and self.on_gpu and result.baseline_runtime > 0:
                     self._baselines[baseline_key] = result.baseline_runtime
-                if result.error_kind == "cuda_fault":
-                    self._replace()  # the CUDA context may be corrupt
                 return result
 
     def _worker_died(self, phase: str, running: str) -> m.EvalResult:
@@ -319,7 +181,7 @@ class EvalWorker:
         self._replace()
         kind, what = "crash", f"exited with status {code}"
         if code < 0:
-            kind, what = _SIGNAL_KINDS.get(signal.Signals(-code), ("crash", f"died of signal {-code}"))
+            kind, what = SIGNAL_KINDS.get(signal.Signals(-code), ("crash", f"died of signal {-code}"))
         if running == "reference":
             return m.EvalResult(
                 compiled=phase != "load",
@@ -329,7 +191,7 @@ class EvalWorker:
             )
         if kind == "crash" and self.on_gpu:
             kind = "cuda_fault"
-        message = f"the worker {what} during the {phase} phase"
+        message = f"the evaluation judge {what} during the {phase} phase"
         frames = candidate_frames(tail)
         if frames:
             message += "\n" + frames
@@ -364,14 +226,12 @@ class EvalWorker:
             self._root = None
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description="kernelrl evaluation worker (started by EvalWorker)")
-    parser.add_argument("--device", required=True)
-    parser.add_argument("--limits", required=True)
-    parser.add_argument("--root", required=True)
-    args = parser.parse_args()
-    return _worker_main(args.device, msgspec.json.decode(args.limits, type=WorkerLimits), Path(args.root))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _request_problem(request: m.EvalRequest) -> m.EvalResult | None:
+    """A request that cannot be evaluated as sent: an error result naming what is wrong with it."""
+    size = len(request.candidate_source.encode("utf-8", "surrogatepass"))
+    if size > MAX_SOURCE_BYTES:
+        return m.EvalResult(error_kind="forbidden", error_message=f"the candidate source is {size} bytes; "
+                            f"the limit is {MAX_SOURCE_BYTES}")  # fmt: skip
+    if not request.candidate_source.strip():
+        return m.EvalResult(error_kind="no_model", error_message="the request carries no candidate source")
+    return None

@@ -5,7 +5,10 @@ max-deliveries advisory of that consumer (queue group, so one evaluator answers 
 Publishes: ``EvalResult`` to the request's ``reply_to`` (core NATS), then acks the request.
 Invariant: a job is acked only after its result is published; a long job is kept alive with
 in-progress; on stop an unfinished job is released (nak) for another evaluator; a job that exhausts
-its deliveries is answered with ``error_kind="evaluator_lost"`` so no requester waits forever.
+its deliveries is answered with ``error_kind="evaluator_lost"`` so no requester waits forever. A bad
+request (undecodable, missing fields, a ``reply_to`` that cannot be published to, an oversized source)
+never stops the evaluator: it is answered with ``bad_request`` where a reply subject can be read from
+it, else terminated, and counted either way.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class EvaluatorActor:
         advisory = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{st.eval_stream}.{s.EVALUATORS_CONSUMER}"
         lost_sub = await self.bus.nc.subscribe(advisory, queue="evaluators-lost", cb=self._on_max_deliveries)
         consumer = await self.bus.pull(st.eval_stream, s.EVALUATORS_CONSUMER)
+        consumer.on_undecodable = self._answer_undecodable
         self.state = "idle"
         try:
             while not stopping.is_set():
@@ -75,6 +79,12 @@ class EvaluatorActor:
 
     async def _handle(self, delivery: Delivery[m.EvalRequest], stopping: asyncio.Event) -> None:
         request = delivery.msg
+        if not s.publishable_subject(request.reply_to):
+            log.error("eval request %s has reply_to %r, which cannot be published to; terminated", request.eval_id,
+                      request.reply_to)  # fmt: skip
+            self.counters["bad_request"] += 1
+            await delivery.term()
+            return
         self.state = "evaluating"
         request = self._with_problem_source(request)
         job = asyncio.ensure_future(asyncio.to_thread(self.worker.evaluate, request))
@@ -104,6 +114,30 @@ class EvaluatorActor:
         self.counters["correct" if result.correctness else f"error_{result.error_kind}"] += 1
         self.counters["worker_restarts"] = self.worker.restarts
 
+    async def _answer_undecodable(self, raw: Msg, reason: str) -> None:
+        """Answer a request that does not decode, if a reply subject can be read from it (it is terminated after)."""
+        self.counters["bad_request"] += 1
+        try:
+            fields = orjson.loads(raw.data.decode("utf-8", errors="replace"))
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(fields, dict) or not s.publishable_subject(fields.get("reply_to")):
+            return
+
+        def text(key: str) -> str:
+            value = fields.get(key)
+            return value if isinstance(value, str) else ""
+
+        result = m.EvalResult(
+            eval_id=text("eval_id"),
+            problem_id=text("problem_id"),
+            error_kind="bad_request",
+            error_message=f"the evaluation request could not be read: {reason}"[:2000],
+            evaluator_id=self.actor_id,
+        )
+        with contextlib.suppress(nats.errors.Error):
+            await self.bus.publish_core(fields["reply_to"], result)
+
     def _with_problem_source(self, request: m.EvalRequest) -> m.EvalRequest:
         if request.problem_source or self.problems is None:
             return request
@@ -122,6 +156,8 @@ class EvaluatorActor:
             request = m.codec_for(m.EvalRequest).decode(stored.data or b"")
         except (orjson.JSONDecodeError, KeyError, ValueError, nats.js.errors.Error) as exc:
             log.error("max-deliveries advisory not handled: %s", exc)
+            return
+        if not s.publishable_subject(request.reply_to):
             return
         result = m.EvalResult(
             eval_id=request.eval_id,

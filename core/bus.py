@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import nats.errors
@@ -89,12 +89,17 @@ class Delivery(Generic[T]):
 
 
 class PullConsumer(Generic[T]):
-    """A pull subscription bound to a durable consumer; ``fetch`` yields only decoded messages."""
+    """A pull subscription bound to a durable consumer; ``fetch`` yields only decoded messages.
+
+    ``on_undecodable`` (if set) sees each message that does not decode, with the reason, before it is
+    terminated: a role can still answer a request it cannot read.
+    """
 
     def __init__(self, bus: Bus, psub: JetStreamContext.PullSubscription, name: str) -> None:
         self._bus = bus
         self._psub = psub
         self.name = name
+        self.on_undecodable: Callable[[Msg, str], Awaitable[None]] | None = None
 
     async def fetch(self, batch: int, timeout_s: float) -> list[Delivery[T]]:
         """Up to ``batch`` messages; an empty list when none arrived within ``timeout_s``."""
@@ -111,6 +116,8 @@ class PullConsumer(Generic[T]):
             try:
                 msg = self._bus.decode(raw.subject, raw.data, raw.headers)
             except m.DecodeError as exc:
+                if self.on_undecodable is not None:
+                    await self.on_undecodable(raw, str(exc))
                 await self._bus.reject(raw, str(exc))
                 continue
             out.append(Delivery(msg, raw))  # type: ignore[arg-type]

@@ -52,8 +52,11 @@ class RolloutRequest(Message, frozen=True):
 
 
 class CheckSettings(msgspec.Struct, kw_only=True, frozen=True):
-    atol: float = 1e-2
-    rtol: float = 1e-2
+    """How a candidate is checked. ``atol``/``rtol`` None: by output dtype (fp32 1e-4, fp16/bf16 1e-2),
+    or the problem's ``TOLERANCE``; set, they apply to every output. ``strict``: 1e-4 everywhere."""
+
+    atol: float | None = None
+    rtol: float | None = None
     strict: bool = False
     n_trials: int = 5
     benchmark: bool = True
@@ -95,6 +98,9 @@ class EvalResult(Message, frozen=True):
     speedup_flagged: bool = False
     device: str = ""
     evaluator_id: str = ""
+    skipped_trials: list[str] = []
+    atol: float | None = None
+    rtol: float | None = None
 
 
 # ---------------------------------------------------------------- events (the run's log)

@@ -13,6 +13,17 @@ import msgspec
 from kernelrl.core import messages as m
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PUBLISHABLE_TOKEN = re.compile(r"^[!-~]+$")  # printable ASCII, no spaces
+
+
+def publishable_subject(subject: object) -> bool:
+    """Whether ``subject`` can be published to: dot-separated printable tokens, no wildcards, at most 255 chars.
+
+    A malformed subject would make the server drop the publishing connection, so replies are checked first.
+    """
+    if not isinstance(subject, str) or not subject or len(subject) > 255:
+        return False
+    return all(_PUBLISHABLE_TOKEN.match(t) and t not in ("*", ">") for t in subject.split("."))
 
 
 class RunSubjects(msgspec.Struct, frozen=True):

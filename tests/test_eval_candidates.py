@@ -1,7 +1,9 @@
 """The evaluator's verdicts: every built-in solution passes; every hostile candidate gets its error_kind.
 
-Runs the real worker process (Triton interpreter on CPU) with limits tightened so hostile candidates
-finish fast.
+Runs the real judge, zygote and runner processes (Triton interpreter on CPU) with limits tightened so
+hostile candidates finish fast. A candidate file says ``# expect: KIND`` (the verdict through every
+layer) and may say ``# beneath-gate: KIND`` (the verdict when the static gate is skipped, as if the
+candidate had found a way past it: the runtime layers must still hold).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from kernelrl.core.problems import Problem, builtin_problems
 CANDIDATES = Path(__file__).parent / "candidates"
 SECRET = "krl-test-secret-value-42"
 TEST_LIMITS = WorkerLimits(
-    address_space_gb=6.0, file_size_mb=128, load_time_s=60.0, correctness_time_s=8.0, cpu_seconds_per_job=60
+    address_space_gb=6.0, file_size_mb=128, load_time_s=60.0, correctness_time_s=20.0, cpu_seconds_per_job=60
 )
 
 
@@ -29,12 +31,16 @@ def candidate_files() -> list[Path]:
     return sorted(CANDIDATES.glob("*.py"))
 
 
-def expectation(path: Path) -> tuple[str, str]:
+def expectation(path: Path, header: str = "expect") -> tuple[str, str]:
     text = path.read_text()
-    kind = re.search(r"^# expect: (\w+)", text, re.M)
+    kind = re.search(rf"^# {header}: (\w+)", text, re.M)
     problem = re.search(r"^# problem: (\S+)", text, re.M)
     assert kind, f"{path.name} does not say what it expects"
     return kind.group(1), problem.group(1) if problem else "level1/1_ReLU"
+
+
+def beneath_gate_files() -> list[Path]:
+    return [f for f in candidate_files() if "# beneath-gate:" in f.read_text()]
 
 
 def request(problem: Problem, candidate_source: str) -> m.EvalRequest:
@@ -59,13 +65,26 @@ def worker() -> Iterator[EvalWorker]:
         os.environ.pop("KRL_TEST_SECRET", None)
 
 
+@pytest.fixture(scope="module")
+def ungated() -> Iterator[EvalWorker]:
+    """An evaluator whose static gate is skipped: what a candidate that slipped past the gate meets."""
+    os.environ["KRL_TEST_SECRET"] = SECRET
+    w = EvalWorker("cpu", TEST_LIMITS, static_gate_enabled=False)
+    try:
+        yield w
+    finally:
+        w.stop()
+        os.environ.pop("KRL_TEST_SECRET", None)
+
+
 @pytest.mark.parametrize("problem", builtin_problems().problems, ids=lambda p: p.id)
 def test_builtin_solution_passes_on_the_cpu_interpreter(worker: EvalWorker, problem: Problem) -> None:
     assert problem.solution is not None, f"{problem.id} has no .triton.py solution"
     result = worker.evaluate(request(problem, problem.solution))
     assert result.correctness, f"{problem.id}: {result.error_kind}: {result.error_message}"
     assert result.compiled and result.interpreter and result.speedup == 0.0
-    assert result.rel_error is not None and result.rel_error < 1e-2
+    assert result.rel_error is not None and result.rel_error < 1e-4
+    assert result.atol == 1e-4 and result.rtol == 1e-4  # fp32 outputs: KernelBench's default
 
 
 def test_there_are_at_least_30_builtin_problems_over_three_levels() -> None:
@@ -83,18 +102,31 @@ def test_hostile_candidate_gets_the_right_verdict(worker: EvalWorker, path: Path
     assert result.error_kind == expected_kind, f"{path.name}: got {result.error_kind}: {result.error_message}"
     assert result.error_message and len(result.error_message) <= 2000
     assert SECRET not in result.error_message
+    assert not Path("/tmp/krl-pwned.txt").exists()
+    assert not Path("/tmp/krl-should-not-exist").exists()
+
+
+@pytest.mark.parametrize("path", beneath_gate_files(), ids=lambda p: p.stem)
+def test_beneath_the_gate_the_runtime_layers_still_hold(ungated: EvalWorker, path: Path) -> None:
+    expected_kind, problem_id = expectation(path, "beneath-gate")
+    problem = builtin_problems().get(problem_id)
+    result = ungated.evaluate(request(problem, path.read_text()))
+    assert not result.correctness
+    assert result.error_kind == expected_kind, f"{path.name}: got {result.error_kind}: {result.error_message}"
+    assert SECRET not in result.error_message
     if path.stem == "reads_secret":
         assert "secret=absent" in result.error_message
     assert not Path("/tmp/krl-pwned.txt").exists()
     assert not Path("/tmp/krl-should-not-exist").exists()
 
 
-def test_worker_is_replaced_after_a_crash_and_keeps_answering(worker: EvalWorker) -> None:
+def test_a_crash_is_contained_in_the_runner_and_the_judge_keeps_answering(worker: EvalWorker) -> None:
     problem = builtin_problems().get("level1/1_ReLU")
-    before = worker.restarts
+    worker.start()
+    judge_pid, before = worker.pid, worker.restarts
     crash = worker.evaluate(request(problem, (CANDIDATES / "crash_out_of_bounds.py").read_text()))
     assert crash.error_kind == "crash" and "candidate.py" in crash.error_message
-    assert worker.restarts == before + 1
+    assert worker.restarts == before and worker.pid == judge_pid  # only the per-job runner died
     good = worker.evaluate(request(problem, problem.solution or ""))
     assert good.correctness
 

@@ -1,4 +1,5 @@
 # expect: forbidden
+# beneath-gate: import
 import torch
 import torch.nn as nn
 import triton

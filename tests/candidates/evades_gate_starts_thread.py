@@ -1,4 +1,5 @@
 # expect: forbidden
+# beneath-gate: forbidden
 # reaches the threading module without naming an import the gate knows; the runtime sandbox stops it
 import torch
 import torch.nn as nn

@@ -1,4 +1,5 @@
-# expect: resource
+# expect: forbidden
+# beneath-gate: resource
 # writes inside its own directory, which is allowed, but past the worker's file-size limit
 import pathlib
 

@@ -1,4 +1,5 @@
 # expect: forbidden
+# beneath-gate: forbidden
 # problem: level2/1_Gemm_ReLU
 import torch
 import torch.nn as nn

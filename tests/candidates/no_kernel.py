@@ -1,4 +1,5 @@
 # expect: no_kernel
+# beneath-gate: kernel_not_run
 import torch
 import torch.nn as nn
 import triton

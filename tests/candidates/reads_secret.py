@@ -1,4 +1,5 @@
-# expect: runtime
+# expect: forbidden
+# beneath-gate: runtime
 # the evaluator's secrets are not in the worker's environment
 import torch
 import torch.nn as nn

@@ -1,0 +1,318 @@
+"""The untrusted side of an evaluation: a warm zygote, and the fresh runner it forks for every job.
+
+The zygote (``python -m kernelrl.actors.eval_runner``, started by the judge) confines itself, imports
+torch and Triton, installs the launch counter and the sandbox's audit hook — and never initialises
+CUDA, so each forked runner creates its own CUDA context. It never runs candidate code.
+
+A runner serves exactly one job over the per-job socket the judge handed the zygote: it learns the job
+id and nonce from ``RunJob``, loads ``ModelNew`` under the sandbox, and for each trial sends back raw
+material only: the outputs, the number of Triton launches, the aten ops that computed outside them,
+digests of its inputs after the call and which inputs the outputs alias. It never sees the reference
+program, the reference outputs or the tolerances; the judge decides. It exits after the job, so
+nothing a candidate patched survives into another job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import msgspec
+
+from kernelrl.actors import eval_protocol as p
+from kernelrl.actors.eval_sandbox import (
+    Sandbox,
+    WorkerLimits,
+    allow_cpu_seconds,
+    apply_limits,
+    die_with_parent,
+    isolate_network,
+)
+
+_zygote_encoder = msgspec.msgpack.Encoder()
+_zygote_decoder = msgspec.msgpack.Decoder(p.ZygoteFrame)
+RUNNER_TO_JUDGE = p.FrameCodec(p.RunnerToJudge, 1 << 20)  # only for typing symmetry; the judge reads with its own bound
+JOB_FRAMES = p.FrameCodec(p.JudgeToRunner, 1 << 34)
+
+
+class RunnerTools:
+    """What every runner inherits from the zygote, set up once."""
+
+    def __init__(self, device: str) -> None:
+        import torch  # noqa: F401  (imported here so every runner inherits it warm)
+        import triton
+
+        from kernelrl.actors import eval_pipeline as pipeline
+
+        self.on_gpu = device.startswith("cuda")
+        if not self.on_gpu:
+            pipeline.patch_triton_interpreter()
+            import triton.runtime.interpreter  # noqa: F401
+        self.launches = pipeline.LaunchCounter()
+        self.launches.install()
+        self.sandbox = Sandbox([])
+        self.sandbox.install()
+
+
+def zygote_main(control_fd: int, device: str, limits: WorkerLimits) -> int:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    faulthandler.enable()
+    die_with_parent()
+    apply_limits(limits, device.startswith("cuda"))
+    network = isolate_network()
+    tools = RunnerTools(device)
+    control = socket.socket(fileno=control_fd)
+    control.send(_zygote_encoder.encode(p.ZygoteReady(pid=os.getpid(), network=network)))
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(control, 1 << 16, 1)
+        except ConnectionResetError:
+            return 0
+        if not data:
+            return 0
+        frame = _zygote_decoder.decode(data)
+        if isinstance(frame, p.ForkRunner):
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                return 2
+            pid = os.fork()
+            if pid == 0:
+                control.close()
+                _runner_main(fds[0], Path(frame.job_dir), device, limits, tools)
+            os.close(fds[0])
+            control.send(_zygote_encoder.encode(p.RunnerForked(pid=pid)))
+        elif isinstance(frame, p.ReapRunner):
+            try:
+                _, status = os.waitpid(frame.pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                code = -int(signal.SIGKILL)
+            control.send(_zygote_encoder.encode(p.RunnerReaped(pid=frame.pid, status=code)))
+
+
+def _runner_main(sock_fd: int, job_dir: Path, device: str, limits: WorkerLimits, tools: RunnerTools) -> NoReturn:
+    """The forked child: one job, then ``os._exit``."""
+    code = 0
+    try:
+        os.setsid()  # its own process group, so the judge can kill it with anything it started
+        die_with_parent()
+        log = os.open(job_dir / "runner.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.closerange(3, sock_fd)
+        os.closerange(sock_fd + 1, 1 << 16)
+        os.chdir(job_dir)
+        os.environ["TRITON_CACHE_DIR"] = str(job_dir / "triton-cache")
+        os.environ["TMPDIR"] = str(job_dir)
+        code = Runner(sock_fd, job_dir, device, limits, tools).serve()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            import traceback
+
+            traceback.print_exc()
+        code = 3
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+    os._exit(code)
+
+
+class Runner:
+    def __init__(self, sock_fd: int, job_dir: Path, device: str, limits: WorkerLimits, tools: RunnerTools) -> None:
+        self.fd = sock_fd
+        self.job_dir = job_dir
+        self.torch_device = "cuda:0" if device.startswith("cuda") else "cpu"
+        self.limits = limits
+        self.tools = tools
+        self.job_id = ""
+        self.nonce = ""
+        self.model: Any = None
+        self.candidate_path = job_dir / "candidate.py"
+
+    def send(self, frame: Any) -> None:
+        RUNNER_TO_JUDGE.write(self.fd, frame)
+
+    def fail(self, phase: str, exc: BaseException) -> None:
+        from kernelrl.actors import eval_pipeline as pipeline
+
+        kind = exc.error_kind if isinstance(exc, pipeline.CheckFailure) else pipeline.classify_exception(exc)
+        message = exc.message if isinstance(exc, pipeline.CheckFailure) else pipeline.describe_exception(exc, self.candidate_path)
+        self.send(p.RunnerFailed(job_id=self.job_id, nonce=self.nonce, phase=phase, error_kind=kind, message=message))
+
+    def serve(self) -> int:
+        job = JOB_FRAMES.read(self.fd)
+        if not isinstance(job, p.RunJob):
+            return 2
+        self.job_id, self.nonce = job.job_id, job.nonce
+        allow_cpu_seconds(job.cpu_seconds)
+        if not self.load(job):
+            return 0
+        while True:
+            frame = JOB_FRAMES.read(self.fd)
+            if frame is None:
+                return 0
+            if isinstance(frame, p.RunTrial):
+                if not self.trial(frame):
+                    return 0
+            elif isinstance(frame, p.RunBenchmark):
+                if not self.benchmark(frame):
+                    return 0
+            else:
+                return 2
+
+    def load(self, job: p.RunJob) -> bool:
+        import torch
+
+        from kernelrl.actors import eval_pipeline as pipeline
+        from kernelrl.actors.eval_tensors import unpack_values
+
+        self.candidate_path.write_text(job.candidate_source)
+        init_values = unpack_values(job.init_values, "cpu")
+        with self.tools.sandbox.enforcing(self.job_dir):
+            try:
+                module = pipeline.load_module(self.candidate_path, "krl_candidate")
+            except SyntaxError as exc:
+                self.fail("load", pipeline.CheckFailure("syntax", pipeline.describe_exception(exc, self.candidate_path)))
+                return False
+            except Exception as exc:
+                self.fail("load", pipeline.CheckFailure("import", pipeline.describe_exception(exc, self.candidate_path)))
+                return False
+            try:
+                torch.manual_seed(pipeline.BASE_SEED)
+                self.model = module.ModelNew(*init_values).to(self.torch_device).eval()
+            except Exception as exc:
+                self.fail("load", exc)
+                return False
+        self.send(p.RunnerLoaded(job_id=self.job_id, nonce=self.nonce))
+        return True
+
+    def _sync(self) -> None:
+        if self.tools.on_gpu:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def trial(self, frame: p.RunTrial) -> bool:
+        import torch
+
+        from kernelrl.actors import eval_pipeline as pipeline
+        from kernelrl.actors.eval_tensors import pack_values, unpack_values, value_digests
+
+        inputs = unpack_values(frame.inputs, self.torch_device)
+        recorder = pipeline.TorchOpRecorder(self.tools.launches)
+        self.tools.launches.count = 0
+        with torch.no_grad(), self.tools.sandbox.enforcing(self.job_dir):
+            try:
+                t0 = time.perf_counter()
+                with recorder:
+                    out = self.model(*inputs)
+                self._sync()
+                elapsed = time.perf_counter() - t0
+            except Exception as exc:
+                self.fail("correctness", exc)
+                return False
+        launches = self.tools.launches.count
+        outputs = pipeline.flatten_outputs(out)
+        try:
+            packed = pack_values(out)
+        except (TypeError, ValueError) as exc:
+            self.fail("correctness", pipeline.CheckFailure("shape", f"ModelNew.forward returned something that is not "
+                                                          f"tensors or numbers: {exc}"))  # fmt: skip
+            return False
+        self.send(
+            p.TrialOutput(
+                job_id=self.job_id,
+                nonce=self.nonce,
+                trial=frame.trial,
+                outputs=packed,
+                launches=launches,
+                torch_ops=sorted(recorder.ops),
+                input_digests=value_digests(inputs),
+                aliased_inputs=_aliased_inputs(inputs, outputs),
+                elapsed_s=elapsed,
+            )
+        )
+        for o in outputs:  # poison: a candidate that hands back an earlier output gets NaNs
+            if isinstance(o, torch.Tensor) and o.is_floating_point():
+                o.detach().fill_(float("nan"))
+        return True
+
+    def benchmark(self, frame: p.RunBenchmark) -> bool:
+        import torch
+
+        from kernelrl.actors import eval_pipeline as pipeline
+        from kernelrl.actors.eval_tensors import pack_values, unpack_values
+
+        inputs = unpack_values(frame.inputs, self.torch_device)
+        recorder = pipeline.TorchOpRecorder(self.tools.launches)
+        launches = self.tools.launches
+        min_launches = [1 << 30]
+
+        def counted(*args: Any) -> Any:
+            launches.count = 0
+            out = self.model(*args)
+            min_launches[0] = min(min_launches[0], launches.count)
+            return out
+
+        with torch.no_grad(), self.tools.sandbox.enforcing(self.job_dir):
+            try:
+                times, checked = pipeline.time_cuda(
+                    counted, inputs, frame.n_runs, frame.n_warmup, frozenset(frame.checked_runs), lambda: recorder
+                )
+            except Exception as exc:
+                self.fail("benchmark", exc)
+                return False
+        self.send(
+            p.BenchmarkOutput(
+                job_id=self.job_id,
+                nonce=self.nonce,
+                times_ms=times,
+                min_launches=min_launches[0] if times else 0,
+                torch_ops=sorted(recorder.ops),
+                checked_outputs=[pack_values(out) for out in checked],
+            )
+        )
+        return True
+
+
+def _aliased_inputs(inputs: list[Any], outputs: list[Any]) -> list[int]:
+    """Indices of tensor inputs whose storage an output tensor shares."""
+    import torch
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+    out_spans = [span(o) for o in outputs if isinstance(o, torch.Tensor) and o.untyped_storage().nbytes()]
+    aliased = []
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.untyped_storage().nbytes():
+            lo, hi = span(x)
+            if any(a < hi and lo < b for a, b in out_spans):
+                aliased.append(i)
+    return aliased
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="kernelrl evaluation zygote (started by the judge)")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--limits", required=True)
+    args = parser.parse_args()
+    return zygote_main(args.control_fd, args.device, msgspec.json.decode(args.limits, type=WorkerLimits))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
