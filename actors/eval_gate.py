@@ -72,10 +72,15 @@ ALLOWED_TORCH = frozenset(
             "nn.ConvTranspose2d", "nn.ConvTranspose3d", "nn.LayerNorm", "nn.GroupNorm", "nn.RMSNorm",
             "nn.BatchNorm1d", "nn.BatchNorm2d", "nn.BatchNorm3d", "nn.InstanceNorm1d", "nn.InstanceNorm2d",
             "nn.Embedding", "nn.init", "nn.functional",
+            # parameter initialisation (what nn modules do in __init__); one level only: torch.nn.init also
+            # holds the torch module it imported
+            "nn.init.uniform_", "nn.init.normal_", "nn.init.constant_", "nn.init.ones_", "nn.init.zeros_",
+            "nn.init.eye_", "nn.init.dirac_", "nn.init.xavier_uniform_", "nn.init.xavier_normal_",
+            "nn.init.kaiming_uniform_", "nn.init.kaiming_normal_", "nn.init.trunc_normal_", "nn.init.orthogonal_",
+            "nn.init.calculate_gain",
         )
     }
 )  # fmt: skip
-ALLOWED_TORCH_PREFIXES = ("torch.nn.init.",)
 ALLOWED_TRITON = frozenset(
     {"triton.jit", "triton.autotune", "triton.Config", "triton.cdiv", "triton.next_power_of_2", "triton.heuristics",
      "triton.language"}
@@ -100,9 +105,12 @@ COMPUTE_METHODS = frozenset(
         "norm", "var", "std", "add", "sub", "mul", "div", "abs", "clamp", "clip", "neg", "erf", "cumsum",
         "prod", "sort", "topk", "addmm", "baddbmm", "where", "masked_fill", "maximum", "minimum",
         "square", "reciprocal", "lerp", "addcmul", "addcdiv", "logsumexp", "einsum", "outer", "tril", "triu",
-        "numpy", "tolist", "item", "storage", "untyped_storage", "apply_", "map_",
     }
 )  # fmt: skip
+# ways out of torch to host Python or numpy, where no dispatch check sees the arithmetic: banned everywhere
+HOST_ESCAPES = frozenset(
+    {"numpy", "tolist", "item", "storage", "untyped_storage", "_typed_storage", "apply_", "map_", "map2_", "data_ptr"}
+)
 NN_COMPUTE_MODULES = frozenset(
     {
         "Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
@@ -113,6 +121,14 @@ NN_COMPUTE_MODULES = frozenset(
     }
 )  # fmt: skip
 REFERENCE_NAMES = frozenset({"Model", "get_inputs", "get_init_inputs"})
+# attributes that lead from an object to frames, code or globals (the classic ways out of a Python sandbox)
+INTROSPECTION_ATTRIBUTES = frozenset(
+    {
+        "gi_frame", "gi_code", "gi_yieldfrom", "cr_frame", "cr_code", "cr_await", "ag_frame", "ag_code",
+        "f_back", "f_globals", "f_locals", "f_builtins", "f_code", "tb_frame", "tb_next", "co_code", "co_consts",
+        "co_names", "func_globals", "func_code", "im_func", "im_self", "mro",
+    }
+)  # fmt: skip
 ALLOWED_TORCH_HINT = "from torch only allocation (torch.empty…), dtypes, shape/device queries and nn parameter holders"
 
 
@@ -167,7 +183,7 @@ def name_allowed(full: str) -> bool:
     """Whether a fully resolved dotted name (``torch.empty``, ``triton.language.load``) may be used."""
     root = full.split(".", 1)[0]
     if root == "torch":
-        return full in ALLOWED_TORCH or (full.startswith(ALLOWED_TORCH_PREFIXES) and not _has_private(full))
+        return full in ALLOWED_TORCH
     if root == "triton":
         if full.startswith("triton.language."):
             return _tl_chain_allowed(full.split(".")[2:])
@@ -357,6 +373,12 @@ def _names_and_attributes(module: _Module) -> Iterator[GateRejection]:
                 if not is_super_init:
                     yield GateRejection("forbidden", f"line {node.lineno}: accesses .{node.attr}; dunder attributes are not "
                                         "allowed (super().__init__() is)")  # fmt: skip
+            elif node.attr in INTROSPECTION_ATTRIBUTES:
+                yield GateRejection("forbidden", f"line {node.lineno}: accesses .{node.attr}; frames, code objects and "
+                                    "globals are not reachable from a candidate")  # fmt: skip
+            elif node.attr in HOST_ESCAPES:
+                yield GateRejection("forbidden", f"line {node.lineno}: uses .{node.attr}, which takes tensor data out of "
+                                    "torch into host Python or numpy; compute in a Triton kernel")  # fmt: skip
             elif node.attr.startswith("_") and _dotted(node.value) != "self":
                 yield GateRejection("forbidden", f"line {node.lineno}: accesses the private attribute .{node.attr}")
     for chain in _maximal_chains(module):
@@ -380,6 +402,16 @@ def _monkey_patching(module: _Module) -> Iterator[GateRejection]:
                     if isinstance(sub, ast.Attribute | ast.Subscript) and module.is_imported(sub.value):
                         yield GateRejection("forbidden", f"line {node.lineno}: assigns into {module.resolve(sub.value)} "
                                             "(monkey-patching is not allowed)")  # fmt: skip
+
+
+def _kernel_calls(module: _Module) -> Iterator[GateRejection]:
+    """A kernel may call tl.* and other @triton.jit functions, never plain Python (which the interpreter would run)."""
+    plain = set(module.functions) - module.kernels
+    for name in module.kernels:
+        for node in ast.walk(module.functions[name]):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in plain:
+                yield GateRejection("forbidden", f"line {node.lineno}: the kernel {name}() calls the Python function "
+                                    f"{node.func.id}(); a kernel may only call tl.* and other @triton.jit functions")  # fmt: skip
 
 
 def _torch_fallbacks(module: _Module, fn: ast.FunctionDef, nn_attrs: dict[str, str]) -> Iterator[GateRejection]:
@@ -409,7 +441,7 @@ def static_gate(source: str) -> GateRejection | None:
     except ValueError as exc:  # e.g. source with NUL bytes
         return GateRejection("syntax", str(exc))
     module = _Module(tree)
-    for check in (_names_and_attributes, _imports, _monkey_patching):
+    for check in (_names_and_attributes, _imports, _monkey_patching, _kernel_calls):
         for rejection in check(module):
             return rejection
     if module.model_new is None:

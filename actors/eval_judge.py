@@ -131,7 +131,10 @@ def judge_job(job: p.WorkerJob, ctx: JudgeContext, job_dir: Path) -> m.EvalResul
     verdict = Verdict()
     ctx.session, ctx.current_phase = None, "load"
     try:
-        return _judge(job, ctx, job_dir, verdict)
+        result = _judge(job, ctx, job_dir, verdict)
+        if ctx.session is not None:
+            ctx.session.assert_quiet()
+        return result
     except CheckFailure as failure:
         return verdict.failed(failure.error_kind, failure.message)
     except p.ProtocolViolation as exc:
@@ -329,13 +332,15 @@ def _benchmark(job: p.WorkerJob, ctx: JudgeContext, problem: ModuleType, referen
     ctx.report_phase("benchmark")
     t0 = time.perf_counter()
     with torch.no_grad(), blame_reference(ctx):
-        inputs = trial_inputs(problem, 0, ctx.device)
-        expected = reference(*[pipeline.clone_value(x) for x in inputs])
+        # two input sets, alternating: an output cached from the previous call is the wrong answer
+        input_sets = [trial_inputs(problem, trial, ctx.device) for trial in (0, 1)]
+        expected = [reference(*[pipeline.clone_value(x) for x in inputs]) for inputs in input_sets]
     n_runs = settings.n_timed_runs
     checked_runs = sorted(random.SystemRandom().sample(range(n_runs), min(N_CHECKED_TIMED_RUNS - 1, n_runs)))
     if n_runs - 1 not in checked_runs:
         checked_runs.append(n_runs - 1)
-    session.send(p.RunBenchmark(inputs=pack_values(inputs), n_warmup=10, n_runs=n_runs, checked_runs=checked_runs))
+    packed_sets = [pack_values(inputs) for inputs in input_sets]
+    session.send(p.RunBenchmark(input_sets=packed_sets, n_warmup=10, n_runs=n_runs, checked_runs=checked_runs))
     sent_at = time.monotonic()
     reply = session.receive(sent_at + ctx.limits.benchmark_time_s)
     wall_s = time.monotonic() - sent_at
@@ -354,14 +359,14 @@ def _benchmark(job: p.WorkerJob, ctx: JudgeContext, problem: ModuleType, referen
         raise pipeline.CheckFailure("forbidden", "timed run: ModelNew.forward computed with PyTorch outside its Triton "
                                     f"kernels ({', '.join(reply.torch_ops[:8])})")  # fmt: skip
     for run, packed in zip(checked_runs, reply.checked_outputs, strict=True):
-        kind, message, _, _ = compare(expected, unpack_values(packed, ctx.device), tol)
+        kind, message, _, _ = compare(expected[run % len(expected)], unpack_values(packed, ctx.device), tol)
         if kind:
             raise pipeline.CheckFailure(kind, f"timed run {run + 1}: {message}")
     stats = pipeline.timing_stats(times)
     baseline_ms = job.baseline_ms
     if baseline_ms is None:
         with torch.no_grad(), blame_reference(ctx):
-            baseline_times, _ = pipeline.time_cuda(reference, inputs, n_runs)
+            baseline_times, _ = pipeline.time_cuda(reference, input_sets, n_runs)
         baseline_ms = statistics.median(baseline_times)
     verdict.timings["benchmark_s"] = time.perf_counter() - t0
     speedup = baseline_ms / stats["median"] if stats["median"] > 0 else 0.0

@@ -38,6 +38,11 @@ ALLOWED_ATEN_OPS = frozenset(
 )  # fmt: skip
 
 
+# what Triton's CPU interpreter itself does to tensor arguments during a launch (moves their storage to
+# host copies and back); allowed only inside a launch
+INTERPRETER_ATEN_OPS = frozenset({"set_"})
+
+
 class LaunchCounter:
     """Counts Triton kernel launches by wrapping the launch entry points once per process.
 
@@ -83,10 +88,9 @@ class TorchOpRecorder(TorchDispatchMode):
         self.ops: set[str] = set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if not self.launches.inside:
-            name = func.overloadpacket.__name__
-            if name not in ALLOWED_ATEN_OPS:
-                self.ops.add(f"aten.{name}")
+        name = func.overloadpacket.__name__
+        if name not in ALLOWED_ATEN_OPS and not (self.launches.inside and name in INTERPRETER_ATEN_OPS):
+            self.ops.add(f"aten.{name}" + (" (inside launch)" if self.launches.inside else ""))
         return func(*args, **(kwargs or {}))
 
 
@@ -187,27 +191,30 @@ def flatten_outputs(out: Any) -> list[Any]:
 
 def time_cuda(
     fn: Callable[..., Any],
-    inputs: list[Any],
+    input_sets: list[list[Any]],
     n_runs: int,
     n_warmup: int = 10,
     checked_runs: frozenset[int] = frozenset(),
     checking: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    poison_outputs: bool = False,
 ) -> tuple[list[float], list[Any]]:
     """CUDA-event times in ms of ``n_runs`` calls, and the outputs of the ``checked_runs``.
 
-    Warm-up first; before every timed call an L2 flush, fresh input clones and a device-wide sync. The
-    end event is recorded after a device-wide synchronisation, so work a call leaves on side streams is
-    inside its interval. The checked runs run inside ``checking()`` (the runner's op recorder).
+    Run ``i`` takes fresh clones of ``input_sets[i % len(input_sets)]``. Warm-up first; before every timed
+    call an L2 flush and a device-wide sync. The end event is recorded after a device-wide synchronisation,
+    so work a call leaves on side streams is inside its interval. The checked runs run inside
+    ``checking()`` (the runner's op recorder). With ``poison_outputs`` every output is filled with NaN
+    after its run (outside the interval), so handing back an earlier output does not pass.
     """
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
-    for _ in range(n_warmup):
+    for i in range(n_warmup):
         with checking():
-            fn(*[clone_value(x) for x in inputs])
+            fn(*[clone_value(x) for x in input_sets[i % len(input_sets)]])
     torch.cuda.synchronize()
     times: list[float] = []
     checked: list[Any] = []
     for i in range(n_runs):
-        args = [clone_value(x) for x in inputs]
+        args = [clone_value(x) for x in input_sets[i % len(input_sets)]]
         flush.zero_()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -219,7 +226,11 @@ def time_cuda(
         end.synchronize()
         times.append(start.elapsed_time(end))
         if i in checked_runs:
-            checked.append(out)
+            checked.append([clone_value(o) for o in out] if isinstance(out, tuple | list) else clone_value(out))
+        if poison_outputs:
+            for o in flatten_outputs(out):
+                if isinstance(o, torch.Tensor) and o.is_floating_point():
+                    o.detach().fill_(float("nan"))
     return times, checked
 
 

@@ -123,7 +123,7 @@ class RunTrial(msgspec.Struct, tag="trial", frozen=True):
 
 
 class RunBenchmark(msgspec.Struct, tag="bench", frozen=True, kw_only=True):
-    inputs: PackedValues
+    input_sets: list[PackedValues]  # timed run i uses set i % len
     n_warmup: int
     n_runs: int
     checked_runs: list[int]  # runs whose output comes back and whose torch ops are recorded

@@ -38,7 +38,7 @@ class WorkerLimits(msgspec.Struct, kw_only=True, frozen=True):
     correctness_time_s: float = 300.0
     benchmark_time_s: float = 300.0
     jobs_per_worker: int = 200
-    max_output_mb: int = 4096  # the largest frame a runner may send the judge (outputs of one trial)
+    max_output_mb: int = 1024  # the largest frame a runner may send the judge (the outputs of one trial)
 
 
 def worker_environment(root: Path, interpret: bool, visible_gpu: str | None = None) -> dict[str, str]:

@@ -148,6 +148,18 @@ class RunnerSession:
             raise p.ProtocolViolation("a frame for another job (wrong job id or nonce)")
         return frame
 
+    def assert_quiet(self) -> None:
+        """After the last answer the runner has nothing more to say; bytes waiting on the channel are a violation."""
+        import select
+
+        if select.select([self.sock], [], [], 0)[0]:
+            try:
+                extra = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except OSError:
+                return
+            if extra:
+                raise p.ProtocolViolation("a frame after the runner's last answer")
+
     def close(self) -> int:
         """Kills the runner's process group (a runner serves one job) and returns its exit code."""
         if self.exit_code is None:

@@ -57,12 +57,13 @@ class EvaluatorActor:
         self.counters: Counter[str] = Counter()
 
     async def run(self, stopping: asyncio.Event) -> None:
+        st = self.bus.subjects
+        # listen for lost jobs before the (slow) worker start-up, so no advisory passes unheard
+        advisory = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{st.eval_stream}.{s.EVALUATORS_CONSUMER}"
+        lost_sub = await self.bus.nc.subscribe(advisory, queue="evaluators-lost", cb=self._on_max_deliveries)
         ready = await asyncio.to_thread(self.worker.start)
         self.device = f"{self.settings.device} ({ready.device_name})"
         log.info("evaluator %s: worker ready on %s, network isolation: %s", self.actor_id, ready.device_name, ready.network)
-        st = self.bus.subjects
-        advisory = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{st.eval_stream}.{s.EVALUATORS_CONSUMER}"
-        lost_sub = await self.bus.nc.subscribe(advisory, queue="evaluators-lost", cb=self._on_max_deliveries)
         consumer = await self.bus.pull(st.eval_stream, s.EVALUATORS_CONSUMER)
         consumer.on_undecodable = self._answer_undecodable
         self.state = "idle"

@@ -311,6 +311,8 @@ class Codec(Generic[T]):
             return self._decoder.decode(data)
         except msgspec.DecodeError as exc:
             raise DecodeError(f"{self.type_name}: {exc}") from exc
+        except UnicodeDecodeError as exc:  # msgspec raises this, not DecodeError, for invalid UTF-8 in a string
+            raise DecodeError(f"{self.type_name}: a string is not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
 
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (

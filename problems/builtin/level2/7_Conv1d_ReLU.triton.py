@@ -16,23 +16,29 @@ def conv1d_kernel(
     L_out,
     KERNEL_SIZE: tl.constexpr,
     RELU: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """out[n, co, t] = b[co] + sum_{ci, k} w[co, ci, k] * x[n, ci, t + k] (stride 1, no padding)."""
+    """out[n, co, t] = b[co] + sum_{ci, k} w[co, ci, k] * x[n, ci, t + k] (stride 1, no padding).
+
+    Each program computes a [BLOCK_CO, BLOCK_L] tile: every output channel of a span of positions.
+    """
     n = tl.program_id(0)
-    co = tl.program_id(1)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     t = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask = t < L_out
-    acc = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    co_mask = co < C_out
+    t_mask = t < L_out
+    acc = tl.zeros((BLOCK_CO, BLOCK_L), dtype=tl.float32)
     for ci in range(0, C_in):
         for k in tl.static_range(KERNEL_SIZE):
-            w = tl.load(w_ptr + (co * C_in + ci) * KERNEL_SIZE + k)
-            x = tl.load(x_ptr + (n * C_in + ci) * L_in + t + k, mask=mask, other=0.0)
-            acc += w * x
-    acc += tl.load(b_ptr + co)
+            w = tl.load(w_ptr + (co * C_in + ci) * KERNEL_SIZE + k, mask=co_mask, other=0.0)
+            x = tl.load(x_ptr + (n * C_in + ci) * L_in + t + k, mask=t_mask, other=0.0)
+            acc += w[:, None] * x[None, :]
+    acc += tl.load(b_ptr + co, mask=co_mask, other=0.0)[:, None]
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    tl.store(out_ptr + (n * C_out + co) * L_out + t, acc, mask=mask)
+    offsets = (n * C_out + co[:, None]) * L_out + t[None, :]
+    tl.store(out_ptr + offsets, acc, mask=co_mask[:, None] & t_mask[None, :])
 
 
 class ModelNew(nn.Module):
@@ -46,7 +52,8 @@ class ModelNew(nn.Module):
         c_out, _, ks = self.conv.weight.shape
         l_out = l_in - ks + 1
         out = torch.empty((n, c_out, l_out), device=x.device, dtype=x.dtype)
-        grid = (n, c_out, triton.cdiv(l_out, 64))
+        block_co = min(triton.next_power_of_2(c_out), 32)
+        grid = (n, triton.cdiv(c_out, block_co), triton.cdiv(l_out, 64))
         conv1d_kernel[grid](
             x,
             self.conv.weight.contiguous(),
@@ -58,6 +65,7 @@ class ModelNew(nn.Module):
             l_out,
             KERNEL_SIZE=ks,
             RELU=True,
+            BLOCK_CO=block_co,
             BLOCK_L=64,
         )
         return out

@@ -33,13 +33,13 @@ def attention_kernel(
         kv_mask = rn[:, None] < seq_len
         k = tl.load(k_ptr + base + rn[:, None] * stride_s + rd[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + base + rn[:, None] * stride_s + rd[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         s = tl.where(rn[None, :] < seq_len, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         correction = tl.exp(m_i - m_new)
         l_i = l_i * correction + tl.sum(p, axis=1)
-        acc = acc * correction[:, None] + tl.dot(p, v)
+        acc = acc * correction[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
     tl.store(out_ptr + base + rm[:, None] * stride_s + rd[None, :], acc / l_i[:, None], mask=rm[:, None] < seq_len)
 
