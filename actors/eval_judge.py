@@ -157,7 +157,7 @@ def _phase_limit(limits: WorkerLimits, phase: str) -> float:
 
 
 def _runner_died(ctx: JudgeContext, session: RunnerSession | None, verdict: Verdict, phase: str) -> m.EvalResult:
-    code = session.close() if session is not None else -int(signal.SIGKILL)
+    code = session.close(grace_s=5.0) if session is not None else -int(signal.SIGKILL)
     kind, what = "crash", f"exited with status {code}"
     if code < 0:
         kind, what = SIGNAL_KINDS.get(signal.Signals(-code), ("crash", f"died of signal {-code}"))
@@ -406,7 +406,8 @@ def judge_main(device: str, limits: WorkerLimits, root: Path) -> int:
     p.WORKER_FRAMES.write(
         proto_out,
         p.WorkerReady(device_name=device_name, torch_version=str(torch.__version__),
-                      triton_version=str(triton.__version__), network=zygote.network),
+                      triton_version=str(triton.__version__), network=zygote.network,
+                      confinement=zygote.confinement),
     )  # fmt: skip
     torch_device = "cuda:0" if on_gpu else "cpu"
     jobs_root = root / "jobs"

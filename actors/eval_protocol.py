@@ -50,6 +50,7 @@ class WorkerReady(msgspec.Struct, tag="ready", frozen=True, kw_only=True):
     torch_version: str
     triton_version: str
     network: str
+    confinement: str = ""
 
 
 class WorkerPhase(msgspec.Struct, tag="phase", frozen=True):
@@ -77,6 +78,7 @@ WorkerFrame = WorkerJob | WorkerReady | WorkerPhase | WorkerRunning | WorkerDone
 class ZygoteReady(msgspec.Struct, tag="zready", frozen=True):
     pid: int
     network: str
+    confinement: str  # what each runner gets beyond the sandbox (``eval_sandbox.confine_to_job``)
 
 
 class ForkRunner(msgspec.Struct, tag="fork", frozen=True):
@@ -89,6 +91,7 @@ class RunnerForked(msgspec.Struct, tag="forked", frozen=True):
 
 class ReapRunner(msgspec.Struct, tag="reap", frozen=True):
     pid: int
+    grace_s: float = 0.0  # wait this long for it to exit by itself before killing it
 
 
 class RunnerReaped(msgspec.Struct, tag="reaped", frozen=True):

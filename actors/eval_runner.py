@@ -30,13 +30,16 @@ import msgspec
 from kernelrl.actors import eval_protocol as p
 from kernelrl.actors.eval_sandbox import (
     Sandbox,
+    SandboxViolation,
     WorkerLimits,
     allow_cpu_seconds,
     apply_limits,
+    confine_to_job,
     die_with_parent,
     isolate_network,
 )
 
+HOST_ESCAPE_METHODS = ("apply_", "map_", "map2_", "tolist", "numpy", "item", "__array__")
 _zygote_encoder = msgspec.msgpack.Encoder()
 _zygote_decoder = msgspec.msgpack.Decoder(p.ZygoteFrame)
 RUNNER_TO_JUDGE = p.FrameCodec(p.RunnerToJudge, 1 << 20)  # only for typing symmetry; the judge reads with its own bound
@@ -72,6 +75,23 @@ class RunnerTools:
         value_digests(unpack_values(pack_values([probe]), "cpu"))
         self.sandbox = Sandbox([])
         self.sandbox.install()
+        self._close_host_escapes()
+
+    def _close_host_escapes(self) -> None:
+        """While candidate code runs (outside Triton's own launch machinery), tensor methods that hand data to
+        host Python or numpy raise: arithmetic there would never pass through the dispatch recorder."""
+        import torch
+
+        sandbox, launches = self.sandbox, self.launches
+        for name in HOST_ESCAPE_METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def guarded(tensor: Any, *args: Any, __original: Any = original, __name: str = name, **kwargs: Any) -> Any:
+                if sandbox.active and not launches.inside:
+                    raise SandboxViolation(f"sandbox: Tensor.{__name}() takes data out of torch; compute in a Triton kernel")
+                return __original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, guarded)
 
 
 def zygote_main(control_fd: int, device: str, limits: WorkerLimits) -> int:
@@ -83,8 +103,9 @@ def zygote_main(control_fd: int, device: str, limits: WorkerLimits) -> int:
     apply_limits(limits, device.startswith("cuda"))
     network = isolate_network()
     tools = RunnerTools(device)
+    confinement = probe_confinement(Path.cwd())
     control = socket.socket(fileno=control_fd)
-    control.send(_zygote_encoder.encode(p.ZygoteReady(pid=os.getpid(), network=network)))
+    control.send(_zygote_encoder.encode(p.ZygoteReady(pid=os.getpid(), network=network, confinement=confinement)))
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(control, 1 << 16, 1)
@@ -101,20 +122,81 @@ def zygote_main(control_fd: int, device: str, limits: WorkerLimits) -> int:
             pid = os.fork()
             if pid == 0:
                 control.close()
-                _runner_main(fds[0], Path(frame.job_dir), device, limits, tools)
+                _keeper_main(fds[0], Path(frame.job_dir), device, limits, tools)
             os.close(fds[0])
             control.send(_zygote_encoder.encode(p.RunnerForked(pid=pid)))
         elif isinstance(frame, p.ReapRunner):
-            try:
-                _, status = os.waitpid(frame.pid, 0)
-                code = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:
-                code = -int(signal.SIGKILL)
-            control.send(_zygote_encoder.encode(p.RunnerReaped(pid=frame.pid, status=code)))
+            control.send(_zygote_encoder.encode(p.RunnerReaped(pid=frame.pid, status=_reap(frame.pid, frame.grace_s))))
+
+
+def _reap(pid: int, grace_s: float) -> int:
+    """Wait up to ``grace_s`` for a keeper to exit, then kill its process group; its exit code."""
+    deadline = time.monotonic() + grace_s
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.005)
+    except ChildProcessError:
+        return -int(signal.SIGKILL)
+
+
+def _keeper_main(sock_fd: int, job_dir: Path, device: str, limits: WorkerLimits, tools: RunnerTools) -> NoReturn:
+    """The zygote's child for one job: confines itself (``confine_to_job``), forks the runner as the first
+    process of a fresh PID namespace, waits for it and exits the way it did.
+
+    The judge kills the keeper to end a job; the runner dies with it (parent-death signal), and with the
+    runner, everything in its namespace.
+    """
+    code = 1
+    try:
+        faulthandler.disable()
+        os.setsid()
+        die_with_parent()
+        confine_to_job(job_dir)
+        runner = os.fork()
+        if runner == 0:
+            _runner_main(sock_fd, job_dir, device, limits, tools)
+        os.close(sock_fd)
+        _, status = os.waitpid(runner, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+    except BaseException:  # a keeper reports by its exit status alone
+        code = 1
+    os._exit(code if code >= 0 else 128 - code)
+
+
+def probe_confinement(root: Path) -> str:
+    """What ``confine_to_job`` achieves on this machine, tried once in a throwaway child."""
+    probe_dir = root / "probe"
+    probe_dir.mkdir(exist_ok=True)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.write(write_end, confine_to_job(probe_dir).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        achieved = f.read().decode()
+    os.waitpid(pid, 0)
+    return achieved or "none (the probe failed)"
 
 
 def _runner_main(sock_fd: int, job_dir: Path, device: str, limits: WorkerLimits, tools: RunnerTools) -> NoReturn:
-    """The forked child: one job, then ``os._exit``."""
+    """The runner: one job, then ``os._exit``."""
     code = 0
     try:
         os.setsid()  # its own process group, so the judge can kill it with anything it started
@@ -122,6 +204,7 @@ def _runner_main(sock_fd: int, job_dir: Path, device: str, limits: WorkerLimits,
         log = os.open(job_dir / "runner.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(log, 1)
         os.dup2(log, 2)
+        faulthandler.enable()  # a segfault leaves the candidate's lines in the log for the error message
         os.closerange(3, sock_fd)
         os.closerange(sock_fd + 1, 1 << 16)
         os.chdir(job_dir)

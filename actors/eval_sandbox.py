@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import resource
 import sys
 from collections.abc import Iterator
@@ -27,6 +28,11 @@ PASSED_ENV = (
 TOOLCHAIN = frozenset({"gcc", "cc", "clang", "ptxas", "cuobjdump", "nvdisasm", "ldconfig", "ld", "nvcc", "as"})
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWPID = 0x20000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_KEPT_MOUNT_FLAGS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC}
 
 
 class WorkerLimits(msgspec.Struct, kw_only=True, frozen=True):
@@ -111,6 +117,46 @@ def isolate_network() -> str:
         if libc.unshare(flags) == 0:
             return what
     return f"none (unshare: {os.strerror(ctypes.get_errno())})"
+
+
+def confine_to_job(job_dir: Path) -> str:
+    """Give this process (a runner's parent) a private mount namespace where every file system is read-only
+    except ``job_dir``, and make its next child the first process of a fresh PID namespace.
+
+    The child then cannot write outside its job directory even with native code, cannot signal any process
+    outside its namespace (the zygote, the judge), and everything it starts dies with it. Needs root (or an
+    OS that allows the unshare); returns what was achieved, ``none (...)`` where nothing was.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID) != 0:
+        return f"none (unshare: {os.strerror(ctypes.get_errno())})"
+    if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        return f"pid namespace only (mount: {os.strerror(ctypes.get_errno())})"
+    job = os.fsencode(job_dir.resolve())
+    if libc.mount(job, job, None, _MS_BIND, None) != 0:
+        return f"pid namespace only (bind {job_dir}: {os.strerror(ctypes.get_errno())})"
+    failed = []
+    for mount_point, options in _mounts():
+        if mount_point == job or "ro" in options:
+            continue
+        flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
+        for name, flag in _KEPT_MOUNT_FLAGS.items():
+            if name in options:
+                flags |= flag
+        if libc.mount(None, mount_point, None, flags, None) != 0:
+            failed.append(os.fsdecode(mount_point))
+    return "pid+mount namespaces, read-only but the job dir" + (f" (still writable: {', '.join(failed)})" if failed else "")
+
+
+def _mounts() -> list[tuple[bytes, set[str]]]:
+    """(mount point, per-mount options) of this process's mounts, from /proc/self/mountinfo."""
+    found = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            found.append((point, set(fields[5].decode().split(","))))
+    return found
 
 
 def _program_name(executable: object, argv: object) -> str:

@@ -68,7 +68,7 @@ class EvalWorker:
         limits_json = msgspec.json.encode(self.limits).decode()
         log = open(self._root / "worker.log", "wb")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "kernelrl.actors.eval_judge", "--device", "cuda" if self.on_gpu else "cpu",
+            [sys.executable, "-P", "-m", "kernelrl.actors.eval_judge", "--device", "cuda" if self.on_gpu else "cpu",
              "--limits", limits_json, "--root", str(self._root)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, cwd=self._root,
             start_new_session=True,

@@ -52,6 +52,8 @@ class Zygote:
         self.proc: subprocess.Popen[bytes] | None = None
         self.control: socket.socket | None = None
         self.network = ""
+        self.confinement = ""
+        self.restarts = 0
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(p.ZygoteFrame)
 
@@ -59,7 +61,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         limits_json = msgspec.json.encode(self.limits).decode()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernelrl.actors.eval_runner", "--control-fd", str(theirs.fileno()),
+            [sys.executable, "-P", "-m", "kernelrl.actors.eval_runner", "--control-fd", str(theirs.fileno()),
              "--device", self.device, "--limits", limits_json],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd=self.root, env=os.environ.copy(),
         )  # fmt: skip
@@ -71,6 +73,7 @@ class Zygote:
         if not isinstance(ready, p.ZygoteReady):
             raise RuntimeError(f"the evaluation zygote did not start: {ready!r}")
         self.network = ready.network
+        self.confinement = ready.confinement
 
     @property
     def alive(self) -> bool:
@@ -84,27 +87,51 @@ class Zygote:
         return self._decoder.decode(data)
 
     def fork(self, job_dir: Path) -> tuple[int, socket.socket]:
-        if not self.alive:
-            self.stop()
-            self.start()
+        """A new runner's pid and the judge's end of its socket; a zygote that died is restarted once."""
+        for attempt in (1, 2):
+            if not self.alive:
+                self.stop()
+                self.start()
+                self.restarts += 1
+            try:
+                return self._fork(job_dir)
+            except (OSError, RuntimeError, msgspec.DecodeError):
+                if attempt == 2:
+                    raise
+                self.stop()
+        raise AssertionError("unreachable")
+
+    def _fork(self, job_dir: Path) -> tuple[int, socket.socket]:
         assert self.control is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        socket.send_fds(self.control, [self._encoder.encode(p.ForkRunner(job_dir=str(job_dir)))], [theirs.fileno()])
-        theirs.close()
+        try:
+            socket.send_fds(self.control, [self._encoder.encode(p.ForkRunner(job_dir=str(job_dir)))], [theirs.fileno()])
+        finally:
+            theirs.close()
         forked = self._receive()
         if not isinstance(forked, p.RunnerForked):
+            ours.close()
             raise RuntimeError(f"the evaluation zygote answered {forked!r}")
         return forked.pid, ours
 
-    def reap(self, pid: int, kill: bool) -> int:
-        """The runner's exit code (negative: killed by that signal); kills its process group first if asked."""
-        if kill:
+    def reap(self, pid: int, grace_s: float) -> int:
+        """The runner's exit code (negative: killed by that signal).
+
+        ``grace_s`` > 0: a runner that closed its channel gets that long to exit by itself, so its own death
+        (a segfault, say) is what is reported; then, or at once with 0, its keeper's process group is killed.
+        """
+        if grace_s <= 0:
             for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     target()
-        assert self.control is not None
-        self.control.send(self._encoder.encode(p.ReapRunner(pid=pid)))
-        reaped = self._receive()
+        if self.control is None:
+            return -int(signal.SIGKILL)
+        try:
+            self.control.send(self._encoder.encode(p.ReapRunner(pid=pid, grace_s=grace_s)))
+            reaped = self._receive()
+        except (OSError, RuntimeError, msgspec.DecodeError):  # the zygote died, and its runners with it
+            self.stop()
+            return -int(signal.SIGKILL)
         return reaped.status if isinstance(reaped, p.RunnerReaped) else -int(signal.SIGKILL)
 
     def stop(self) -> None:
@@ -160,11 +187,12 @@ class RunnerSession:
             if extra:
                 raise p.ProtocolViolation("a frame after the runner's last answer")
 
-    def close(self) -> int:
-        """Kills the runner's process group (a runner serves one job) and returns its exit code."""
+    def close(self, grace_s: float = 0.0) -> int:
+        """Ends the runner (a runner serves one job: killed at once, or after ``grace_s`` if it is already
+        on its way out) and returns its exit code."""
         if self.exit_code is None:
             self.sock.close()
-            self.exit_code = self.zygote.reap(self.pid, kill=True)
+            self.exit_code = self.zygote.reap(self.pid, grace_s)
         return self.exit_code
 
     def log_tail(self, n_bytes: int = 1500) -> str:

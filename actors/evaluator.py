@@ -63,7 +63,8 @@ class EvaluatorActor:
         lost_sub = await self.bus.nc.subscribe(advisory, queue="evaluators-lost", cb=self._on_max_deliveries)
         ready = await asyncio.to_thread(self.worker.start)
         self.device = f"{self.settings.device} ({ready.device_name})"
-        log.info("evaluator %s: worker ready on %s, network isolation: %s", self.actor_id, ready.device_name, ready.network)
+        log.info("evaluator %s: worker ready on %s; network isolation: %s; runners: %s", self.actor_id, ready.device_name,
+                 ready.network, ready.confinement)  # fmt: skip
         consumer = await self.bus.pull(st.eval_stream, s.EVALUATORS_CONSUMER)
         consumer.on_undecodable = self._answer_undecodable
         self.state = "idle"
