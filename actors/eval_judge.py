@@ -158,6 +158,9 @@ def _phase_limit(limits: WorkerLimits, phase: str) -> float:
 
 def _runner_died(ctx: JudgeContext, session: RunnerSession | None, verdict: Verdict, phase: str) -> m.EvalResult:
     code = session.close(grace_s=5.0) if session is not None else -int(signal.SIGKILL)
+    if not ctx.zygote.alive:
+        return verdict.failed("cannot_verify", f"the evaluator's zygote process died during the {phase} phase, and the "
+                              "candidate's runner with it; it could not be judged")  # fmt: skip
     kind, what = "crash", f"exited with status {code}"
     if code < 0:
         kind, what = SIGNAL_KINDS.get(signal.Signals(-code), ("crash", f"died of signal {-code}"))

@@ -11,6 +11,7 @@ variants, because a policy that finds one member of a class finds its neighbours
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -503,3 +504,80 @@ def test_native_code_beneath_the_gate_cannot_write_outside_its_job_or_touch_the_
     honest = evaluate(ungated, RELU, HONEST_RELU)  # the judge and its zygote were neither stopped nor replaced
     assert honest.correctness, f"{honest.error_kind}: {honest.error_message}"
     assert ungated.pid == judge_pid
+
+
+# ---------------------------------------------------------------- transforms the problem cannot take
+
+STEEP_EXP_SOURCE = '''"""exp(20 x): finite on the drawn inputs, inf on the scaled-and-shifted ones."""
+
+import torch
+import torch.nn as nn
+
+
+class Model(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(20.0 * x)
+
+
+def get_inputs():
+    return [torch.rand(8, 128) * 0.5]
+
+
+def get_init_inputs():
+    return []
+'''
+STEEP_EXP = custom_problem(STEEP_EXP_SOURCE, "steep_exp")
+
+
+def test_a_transform_whose_reference_overflows_is_skipped_and_reported(worker: EvalWorker) -> None:
+    honest = evaluate(worker, STEEP_EXP, candidate(value="tl.exp(20.0 * x)"))
+    assert honest.correctness, f"{honest.error_kind}: {honest.error_message}"
+    assert any("scaled and shifted" in s and "not finite" in s for s in honest.skipped_trials), honest.skipped_trials
+    assert not any("as get_inputs() draws them" in s for s in honest.skipped_trials)
+    wrong = evaluate(worker, STEEP_EXP, candidate(value="tl.exp(20.0 * tl.abs(x))"))  # right only for x >= 0
+    assert_verdict(wrong, "mismatch")
+
+
+# ---------------------------------------------------------------- the zygote dying under a job
+
+SLOW_HONEST_RELU = HONEST_RELU.replace(
+    "        relu_kernel[grid](x, out, n_elements, BLOCK_SIZE=1024)\n",
+    "        for _ in range(40):\n            relu_kernel[grid](x, out, n_elements, BLOCK_SIZE=1024)\n",
+)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_zygote_that_dies_mid_job_ends_that_job_and_the_judge_carries_on(fresh_ungated: EvalWorker) -> None:
+    import signal
+    import threading
+
+    assert "range(40)" in SLOW_HONEST_RELU
+    fresh_ungated.start()
+    judge_pid = fresh_ungated.pid
+    assert judge_pid is not None
+    results: list[m.EvalResult] = []
+    job = threading.Thread(target=lambda: results.append(evaluate(fresh_ungated, RELU, SLOW_HONEST_RELU)))
+    job.start()
+    (zygote,) = children_of(judge_pid)
+    for _ in range(2000):  # until the zygote has forked this job's keeper
+        if children_of(zygote):
+            break
+        threading.Event().wait(0.005)
+    os.kill(zygote, signal.SIGKILL)
+    job.join(timeout=120)
+    assert results and results[0].error_kind == "cannot_verify", results  # its runner died with the zygote: not its fault
+    honest = evaluate(fresh_ungated, RELU, HONEST_RELU)
+    assert honest.correctness, f"{honest.error_kind}: {honest.error_message}"
+    assert fresh_ungated.pid == judge_pid  # a new zygote, the same judge
