@@ -7,8 +7,7 @@ import sys
 from types import ModuleType
 
 from kernelrl.bin import check, evaluator, logger, run, sample_events, status, tap
-from kernelrl.bin.common import setup_logging
-from kernelrl.core.actor import run_main
+from kernelrl.bin.common import run_command
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "run": (run, "the whole system on this machine (embedded NATS unless --nats)"),
@@ -27,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module, help_text) in COMMANDS.items():
         module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    return run_main(COMMANDS[args.command][0].amain(args))
+    return run_command(f"kernelrl {args.command}", COMMANDS[args.command][0].amain, args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """``kernelrl run``: the whole system on this machine.
 
-Starts the embedded NATS server unless ``--nats`` is given, provisions the run, starts the roles that
-exist as child processes (the logger; one evaluator per visible GPU, or one CPU evaluator) and
-supervises them; Ctrl-C stops everything cleanly. Until the generator,
-buffer and learner roles land, the documented sample event stream (``kernelrl sample-events``) stands
-in for them, and the run ends once the logger has written every sample event.
+Each run gets a fresh time-based run id and its own directory ``runs/<id>`` (``runs/latest`` points at
+it; ``--run ID`` continues that run). Starts the embedded NATS server unless ``--nats`` is given — on
+port 4222 when that is free, else on a free port — writes its URL to ``runs/<id>/nats.url`` and
+supervises it like any child (restarted on the same port and store if it dies); provisions the run,
+starts the roles that exist as child processes (the logger; one evaluator per visible GPU, or one CPU
+evaluator) and supervises them; Ctrl-C stops everything cleanly. Exit status: 0 after a clean stop, 1
+if a child or the broker exhausted its restart budget (the summary names who and how often). Until the
+generator, buffer and learner roles land, the documented sample event stream (``kernelrl
+sample-events``) stands in for them, and the run ends once the logger has written every sample event.
 """
 
 from __future__ import annotations
@@ -23,16 +27,17 @@ import nats.errors
 from kernelrl.bin.common import add_bus_arguments, bus_settings, command_main
 from kernelrl.core import subjects as s
 from kernelrl.core.bus import Bus
-from kernelrl.core.nats_server import EmbeddedNatsServer
-from kernelrl.core.supervisor import ChildSpec, Supervisor
+from kernelrl.core.nats_server import NATS_PORT, EmbeddedNatsServer, port_is_free
+from kernelrl.core.run_dirs import RUNS_ROOT, URL_FILE, RunDirectory, new_run_id
+from kernelrl.core.supervisor import ChildSpec, RestartBudget, Supervisor
 
 log = logging.getLogger("kernelrl.run")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_bus_arguments(parser)
-    parser.set_defaults(nats=None)
-    parser.add_argument("--run-dir", help="where the NATS store and logs go (default runs/<run>)")
+    add_bus_arguments(parser, resolve=False)  # no --nats: start a broker; no --run: a new run
+    parser.add_argument("--runs-root", default=str(RUNS_ROOT), help="where run directories go (default %(default)s)")
+    parser.add_argument("--run-dir", help="this run's directory (default <runs-root>/<run id>)")
     parser.add_argument("--verbose", action="store_true", help="detailed console output (or VERBOSE=true)")
     parser.add_argument(
         "--nats-sync",
@@ -72,18 +77,50 @@ async def logger_caught_up(bus: Bus) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
+async def supervise_broker(server: EmbeddedNatsServer, stopping: asyncio.Event, budget: RestartBudget,
+                           gave_up: dict[str, str], poll_s: float = 0.5) -> None:  # fmt: skip
+    """Restart the embedded server on its port and store whenever it dies, within its restart budget."""
+    while not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), poll_s)
+        if stopping.is_set() or server.running:
+            continue
+        code = server.exit_code
+        if not budget.allow():
+            gave_up["nats-server"] = f"exited with status {code}; {budget.recent} restarts within {budget.window_s:.0f}s"
+            log.error("NATS server exited with status %s and exhausted its restart budget; stopping the run", code)
+            stopping.set()
+            return
+        log.warning("NATS server exited with status %s; restarting it on %s (restart %d)", code, server.url, budget.recent)
+        try:
+            await server.start()
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            log.error("NATS server did not come back: %s", exc)
+
+
 async def amain(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir or f"runs/{args.run}")
+    runs_root = Path(args.runs_root)
+    args.run = args.run or os.environ.get("KRL_RUN") or new_run_id(runs_root)
+    run = RunDirectory(root=str(runs_root), run_id=args.run)
+    run_dir = Path(args.run_dir) if args.run_dir else run.path
     log_dir = run_dir / "logs"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not args.run_dir:
+        run.create()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    gave_up: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as stack:
+        server: EmbeddedNatsServer | None = None
         if args.nats is None:
-            server = await stack.enter_async_context(EmbeddedNatsServer(run_dir / "nats", sync_interval=args.nats_sync))
+            port = NATS_PORT if port_is_free(NATS_PORT) else None
+            server = EmbeddedNatsServer(run_dir / "nats", port=port, sync_interval=args.nats_sync)
+            await stack.enter_async_context(server)
             args.nats = server.url
             log.info("embedded NATS server at %s (store %s)", server.url, server.store_dir)
+        (run_dir / URL_FILE).write_text(args.nats + "\n")
         bus = await Bus.connect(bus_settings(args), name="kernelrl-run")
         stack.push_async_callback(bus.close)
         await bus.provision()
@@ -100,7 +137,7 @@ async def amain(args: argparse.Namespace) -> int:
             sample = ["--steps", str(args.sample_steps), "--evals", str(args.sample_evals)]
             specs.append(ChildSpec(name="sample-events", argv=child_argv("sample-events", *common, *sample), restart=False))
         supervisor = Supervisor(specs)
-        log.info("run %s: logs in %s; Ctrl-C stops", args.run, log_dir)
+        log.info("run %s: directory %s, logs in %s, NATS at %s; Ctrl-C stops", args.run, run_dir, log_dir, args.nats)
 
         async def finish_when_sample_logged() -> None:
             if args.sample_steps <= 0:
@@ -115,7 +152,13 @@ async def amain(args: argparse.Namespace) -> int:
         async with asyncio.TaskGroup() as tg:
             supervised = tg.create_task(supervisor.run(stopping))
             tg.create_task(finish_when_sample_logged())
+            if server is not None:
+                tg.create_task(supervise_broker(server, stopping, RestartBudget(5, 600.0), gave_up))
         codes = supervised.result()
+    gave_up.update(supervisor.gave_up)
+    if gave_up:
+        log.error("run %s stopped because: %s", args.run, "; ".join(f"{name} {why}" for name, why in gave_up.items()))
+        return 1
     failed = {name: code for name, code in codes.items() if code not in (0, -signal.SIGTERM)}
     if failed:
         log.error("children exited with errors: %s", failed)

@@ -7,10 +7,9 @@ import sys
 import time
 
 import msgspec
-import nats
 import nats.js.errors
 
-from kernelrl.bin.common import add_bus_arguments, command_main
+from kernelrl.bin.common import add_bus_arguments, command_main, connect_tool
 from kernelrl.core import messages as m
 from kernelrl.core.actor import decode_heartbeat
 from kernelrl.core.subjects import RunSubjects
@@ -22,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def read_heartbeats(url: str, run: str) -> list[m.Heartbeat]:
-    nc = await nats.connect(url, name="kernelrl-status", allow_reconnect=False)
+    nc = await connect_tool(url, "kernelrl-status")
     try:
         js = nc.jetstream()
         try:

@@ -12,7 +12,7 @@ import msgspec
 import nats
 
 from kernelrl.actors.console import summary_line
-from kernelrl.bin.common import add_bus_arguments, command_main
+from kernelrl.bin.common import add_bus_arguments, command_main, connect_tool
 from kernelrl.core import messages as m
 from kernelrl.core.bus import decode_any
 from kernelrl.core.subjects import RunSubjects
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def amain(args: argparse.Namespace) -> int:
     subject = args.subject or f"{RunSubjects(args.run).root}.>"
-    nc = await nats.connect(args.nats, name="kernelrl-tap", max_reconnect_attempts=-1)
+    nc = await connect_tool(args.nats, "kernelrl-tap", reconnect=True)
     queue: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
 
     async def on_msg(msg: nats.aio.msg.Msg) -> None:

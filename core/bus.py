@@ -130,6 +130,45 @@ class PullConsumer(Generic[T]):
             pass
 
 
+class ConnectionReporter:
+    """Connection state for the log: one line per change, then a reminder at most every ``reminder_s``.
+
+    nats-py reports every failed reconnect attempt (several a second); while the server is away those
+    become one line saying so, and a reminder now and then, not a flood.
+    """
+
+    def __init__(self, name: str, url: str, reminder_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.url = url
+        self.reminder_s = reminder_s
+        self.clock = clock
+        self.connected = True
+        self.first_connect = True  # errors before the first connection are the caller's to report, once
+        self._down_since = 0.0
+        self._last_line = 0.0
+
+    def disconnected(self) -> None:
+        if self.connected:
+            self.connected = False
+            self._down_since = self._last_line = self.clock()
+            log.warning("nats %s: disconnected from %s; reconnecting", self.name, self.url)
+
+    def reconnected(self) -> None:
+        if not self.connected:
+            log.info("nats %s: reconnected to %s after %.1fs", self.name, self.url, self.clock() - self._down_since)
+        self.connected = True
+
+    def error(self, exc: Exception) -> None:
+        now = self.clock()
+        if self.first_connect:
+            return
+        if self.connected:
+            log.warning("nats %s: %r", self.name, exc)
+        elif now - self._last_line >= self.reminder_s:
+            self._last_line = now
+            log.warning("nats %s: still disconnected from %s after %.0fs (%r)", self.name, self.url, now - self._down_since, exc)
+
+
 class Bus:
     """One NATS connection, its JetStream context and the subjects of one run."""
 
@@ -146,15 +185,17 @@ class Bus:
     async def connect(cls, settings: BusSettings, name: str) -> Bus:
         nc = NatsClient()
 
-        async def on_error(exc: Exception) -> None:
-            log.warning("nats %s: %s", name, exc)
+        reporter = ConnectionReporter(name, settings.url)
 
         async def on_disconnect() -> None:
             if not (nc.is_closed or nc.is_draining):
-                log.warning("nats %s: disconnected from %s, reconnecting", name, settings.url)
+                reporter.disconnected()
 
         async def on_reconnect() -> None:
-            log.info("nats %s: reconnected", name)
+            reporter.reconnected()
+
+        async def on_error(exc: Exception) -> None:
+            reporter.error(exc)
 
         # nats-py retries an unreachable server forever when reconnects are unlimited: bound the first try.
         try:
@@ -179,6 +220,7 @@ class Bus:
             with contextlib.suppress(nats.errors.Error):
                 await nc.close()
             raise ConnectionError(f"cannot reach NATS at {settings.url}: {exc!r}") from exc
+        reporter.first_connect = False
         return cls(nc, settings)
 
     # ------------------------------------------------------------ provisioning

