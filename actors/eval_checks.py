@@ -79,7 +79,7 @@ def compare(ref: Any, out: Any, tol: Callable[[str], tuple[float, float]],
     worst_abs, worst_rel = 0.0, 0.0
     for i, (r, o) in enumerate(zip(refs, outs, strict=True)):
         if not isinstance(r, torch.Tensor):
-            if r != o:
+            if isinstance(o, torch.Tensor) or type(o) is not type(r) or r != o:
                 return "mismatch", f"output {i}: {o!r} != expected {r!r}", math.inf, math.inf
             continue
         if not isinstance(o, torch.Tensor):
@@ -116,6 +116,26 @@ def compare(ref: Any, out: Any, tol: Callable[[str], tuple[float, float]],
     return "", "", worst_abs, worst_rel
 
 
+def fingerprint_bounds(expected: Any, seed: int, tol: Callable[[str], tuple[float, float]]) -> list[tuple[float, float]]:
+    """Per output tensor: the reference's fingerprint ``sum(ref * w)`` and the largest deviation an output that
+    passes the element-wise check could have, ``sum(|w| * (atol + rtol * |ref|))`` (plus rounding room)."""
+    import torch
+
+    from kernelrl.actors.eval_pipeline import fingerprint_weights, flatten_outputs
+
+    bounds = []
+    for k, r in enumerate(flatten_outputs(expected)):
+        if isinstance(r, torch.Tensor):
+            atol, rtol = tol(str(r.dtype).removeprefix("torch."))
+            r64 = r.detach().double()
+            for w in fingerprint_weights(seed, k, tuple(r.shape)):
+                w64 = w.to(r.device).double()
+                value = float((r64 * w64).sum())
+                room = float((w64.abs() * (atol + rtol * r64.abs())).sum()) + 1e-9 * float((w64 * r64).abs().sum())
+                bounds.append((value, room))
+    return bounds
+
+
 def all_finite(value: Any) -> bool:
     import torch
 
@@ -125,14 +145,17 @@ def all_finite(value: Any) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in tensors)
 
 
-def trial_inputs(problem: ModuleType, trial: int, device: str) -> list[Any]:
+def trial_inputs(problem: ModuleType, trial: int, device: str, seed: int | None = None) -> list[Any]:
+    """Trial ``trial``'s inputs (its transform, see ``TRIAL_INPUTS``), drawn from the fixed seed of that trial
+    or from ``seed`` (the benchmark draws fresh ones the candidate has never seen)."""
     import torch
 
     from kernelrl.actors.eval_pipeline import BASE_SEED
 
-    torch.manual_seed(BASE_SEED + 1 + trial)
+    base = BASE_SEED if seed is None else seed
+    torch.manual_seed(base + 1 + trial)
     inputs = list(problem.get_inputs())
-    generator = torch.Generator().manual_seed(BASE_SEED + 101 + trial)
+    generator = torch.Generator().manual_seed(base + 101 + trial)
     out = []
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.is_floating_point():

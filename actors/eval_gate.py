@@ -81,6 +81,7 @@ ALLOWED_TORCH = frozenset(
         )
     }
 )  # fmt: skip
+TORCH_MODULES = frozenset({"torch.cuda", "torch.nn", "torch.nn.init", "torch.nn.functional"})
 ALLOWED_TRITON = frozenset(
     {"triton.jit", "triton.autotune", "triton.Config", "triton.cdiv", "triton.next_power_of_2", "triton.heuristics",
      "triton.language"}
@@ -193,6 +194,19 @@ def name_allowed(full: str) -> bool:
     if root == "typing":
         return full == "typing" or full.removeprefix("typing.") in TYPING_NAMES
     return True
+
+
+def is_module_name(full: str) -> bool:
+    """Whether an allowed dotted name is a module (torch.cuda, torch.nn.init, tl.extra …): modules hold other
+    modules (torch.cuda.os, tl.extra.pkgutil), so they may only be reached through, never held as values."""
+    if full in ALLOWED_MODULES or full in TORCH_MODULES or full in ALLOWED_TL_MODULES:
+        return True
+    if full.startswith("triton.language."):
+        obj: object = _triton_language()
+        for name in full.split(".")[2:]:
+            obj = getattr(obj, name, None)
+        return isinstance(obj, types.ModuleType)
+    return False
 
 
 def _has_private(full: str) -> bool:
@@ -386,11 +400,27 @@ def _names_and_attributes(module: _Module) -> Iterator[GateRejection]:
             continue
         full = module.resolve(chain) or ""
         parent = module.parents.get(id(chain))
-        if full in ALLOWED_MODULES and not isinstance(parent, ast.Import | ast.ImportFrom):
+        if is_module_name(full) and not isinstance(parent, ast.Import | ast.ImportFrom):
             yield GateRejection("forbidden", f"line {chain.lineno}: uses the module {full} as a value; "
                                 f"call what you need through it ({full}.…)")  # fmt: skip
         elif full not in ALLOWED_MODULES and not name_allowed(full):
             yield GateRejection("forbidden", f"line {chain.lineno}: uses {full}; {_what_instead(full)}")
+
+
+def _definitions(module: _Module) -> Iterator[GateRejection]:
+    """Classes derive from nn.Module (or nothing) and define no dunder methods but __init__: a special method
+    (``__iter__``, ``__del__``, ``__torch_function__`` …) would run the candidate's code where no check looks."""
+    for node in ast.walk(module.tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and _is_dunder(node.name) and node.name != "__init__":
+            yield GateRejection("forbidden", f"line {node.lineno}: defines {node.name}(); special methods other than "
+                                "__init__ are not allowed")  # fmt: skip
+        elif isinstance(node, ast.ClassDef):
+            for base in node.bases:
+                if module.resolve(base) not in ("torch.nn.Module", "object"):
+                    yield GateRejection("forbidden", f"line {node.lineno}: class {node.name} derives from "
+                                        f"{ast.unparse(base)}; classes may only derive from nn.Module")  # fmt: skip
+            if node.keywords:
+                yield GateRejection("forbidden", f"line {node.lineno}: class {node.name} takes keywords (a metaclass?)")
 
 
 def _monkey_patching(module: _Module) -> Iterator[GateRejection]:
@@ -441,7 +471,7 @@ def static_gate(source: str) -> GateRejection | None:
     except ValueError as exc:  # e.g. source with NUL bytes
         return GateRejection("syntax", str(exc))
     module = _Module(tree)
-    for check in (_names_and_attributes, _imports, _monkey_patching, _kernel_calls):
+    for check in (_names_and_attributes, _imports, _definitions, _monkey_patching, _kernel_calls):
         for rejection in check(module):
             return rejection
     if module.model_new is None:

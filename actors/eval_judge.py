@@ -37,6 +37,7 @@ from kernelrl.actors.eval_checks import (
     TRIAL_INPUTS,
     all_finite,
     compare,
+    fingerprint_bounds,
     output_scales,
     tolerance_for,
     trial_inputs,
@@ -144,6 +145,8 @@ def judge_job(job: p.WorkerJob, ctx: JudgeContext, job_dir: Path) -> m.EvalResul
         return verdict.failed("timeout", f"the {ctx.current_phase} phase exceeded its {limit:.0f}s limit")
     except RunnerGone:
         return _runner_died(ctx, ctx.session, verdict, ctx.current_phase)
+    except Exception as exc:  # the judge's own failure is never the candidate's
+        return verdict.failed("cannot_verify", f"the evaluator could not judge this candidate: {type(exc).__name__}: {exc}")
     finally:
         if ctx.session is not None:
             ctx.session.close()  # a runner serves one job: whatever it left behind dies with it
@@ -163,7 +166,7 @@ def _runner_died(ctx: JudgeContext, session: RunnerSession | None, verdict: Verd
                               "candidate's runner with it; it could not be judged")  # fmt: skip
     kind, what = "crash", f"exited with status {code}"
     if code < 0:
-        kind, what = SIGNAL_KINDS.get(signal.Signals(-code), ("crash", f"died of signal {-code}"))
+        kind, what = SIGNAL_KINDS.get(-code, ("crash", f"died of signal {-code}"))
     if kind == "crash" and ctx.on_gpu:
         kind = "cuda_fault"
     message = f"the candidate's process {what} during the {phase} phase"
@@ -203,8 +206,9 @@ def _judge(job: p.WorkerJob, ctx: JudgeContext, job_dir: Path, verdict: Verdict)
     session = RunnerSession(ctx.zygote, runner_dir, job.job_id, ctx.max_frame_bytes)
     ctx.session = session
     deadline = time.monotonic() + ctx.limits.load_time_s
-    session.send(p.RunJob(job_id=job.job_id, nonce=session.nonce, candidate_source=job.candidate_source,
-                          init_values=packed_init, device=ctx.device, cpu_seconds=ctx.limits.cpu_seconds_per_job))  # fmt: skip
+    run_job = p.RunJob(job_id=job.job_id, nonce=session.nonce, candidate_source=job.candidate_source,
+                       init_values=packed_init, device=ctx.device, cpu_seconds=ctx.limits.cpu_seconds_per_job)  # fmt: skip
+    session.send(run_job, deadline)
     reply = session.receive(deadline)
     _raise_if_failed(reply)
     if not isinstance(reply, p.RunnerLoaded):
@@ -227,7 +231,7 @@ def _judge(job: p.WorkerJob, ctx: JudgeContext, job_dir: Path, verdict: Verdict)
         candidate_first = trial % 2 == 1
         if not candidate_first:
             expected = _run_reference(ctx, reference, inputs, verdict)
-        session.send(p.RunTrial(trial, packed))
+        session.send(p.RunTrial(trial, packed), deadline)
         if candidate_first:
             expected = _run_reference(ctx, reference, inputs, verdict)
         reply = session.receive(deadline)
@@ -334,24 +338,32 @@ def _benchmark(job: p.WorkerJob, ctx: JudgeContext, problem: ModuleType, referen
     ctx.current_phase = "benchmark"
     ctx.report_phase("benchmark")
     t0 = time.perf_counter()
+    chance = random.SystemRandom()
     with torch.no_grad(), blame_reference(ctx):
-        # two input sets, alternating: an output cached from the previous call is the wrong answer
-        input_sets = [trial_inputs(problem, trial, ctx.device) for trial in (0, 1)]
+        # two fresh input sets the candidate has never seen, in an order it cannot predict: an output
+        # remembered from the trials or from an earlier call is the wrong answer
+        seed = chance.randrange(1 << 30)
+        input_sets = [trial_inputs(problem, trial, ctx.device, seed=seed) for trial in (0, 1)]
         expected = [reference(*[pipeline.clone_value(x) for x in inputs]) for inputs in input_sets]
     n_runs = settings.n_timed_runs
-    checked_runs = sorted(random.SystemRandom().sample(range(n_runs), min(N_CHECKED_TIMED_RUNS - 1, n_runs)))
+    order = [chance.randrange(len(input_sets)) for _ in range(n_runs)]
+    fingerprint_seed = chance.randrange(1 << 30)
+    bounds = [fingerprint_bounds(e, fingerprint_seed, tol) for e in expected]
+    checked_runs = sorted(chance.sample(range(n_runs), min(N_CHECKED_TIMED_RUNS - 1, n_runs)))
     if n_runs - 1 not in checked_runs:
         checked_runs.append(n_runs - 1)
     packed_sets = [pack_values(inputs) for inputs in input_sets]
-    session.send(p.RunBenchmark(input_sets=packed_sets, n_warmup=10, n_runs=n_runs, checked_runs=checked_runs))
     sent_at = time.monotonic()
-    reply = session.receive(sent_at + ctx.limits.benchmark_time_s)
+    deadline = sent_at + ctx.limits.benchmark_time_s
+    session.send(p.RunBenchmark(input_sets=packed_sets, order=order, n_warmup=10, n_runs=n_runs, checked_runs=checked_runs,
+                                fingerprint_seed=fingerprint_seed), deadline)  # fmt: skip
+    reply = session.receive(deadline)
     wall_s = time.monotonic() - sent_at
     _raise_if_failed(reply)
     if not isinstance(reply, p.BenchmarkOutput):
         raise p.ProtocolViolation(f"expected the benchmark timings, got {type(reply).__name__}")
     times = reply.times_ms
-    if len(times) != n_runs or len(reply.checked_outputs) != len(checked_runs):
+    if len(times) != n_runs or len(reply.checked_outputs) != len(checked_runs) or len(reply.fingerprints) != n_runs:
         raise pipeline.CheckFailure("forbidden", f"the benchmark reported {len(times)} timings for {n_runs} runs")
     if not all(math.isfinite(t) and t > 0 for t in times) or sum(times) / 1000 > wall_s * TIMING_SLACK:
         raise pipeline.CheckFailure("forbidden", f"implausible timings: {sum(times) / 1000:.3f}s of kernel time reported "
@@ -361,15 +373,22 @@ def _benchmark(job: p.WorkerJob, ctx: JudgeContext, problem: ModuleType, referen
     if reply.torch_ops:
         raise pipeline.CheckFailure("forbidden", "timed run: ModelNew.forward computed with PyTorch outside its Triton "
                                     f"kernels ({', '.join(reply.torch_ops[:8])})")  # fmt: skip
+    for run, row in enumerate(reply.fingerprints):  # every timed call's outputs, not only the checked ones
+        expected_row = bounds[order[run]]
+        if len(row) != len(expected_row) or not all(
+            math.isfinite(got) and abs(got - value) <= room for got, (value, room) in zip(row, expected_row, strict=True)
+        ):
+            raise pipeline.CheckFailure("mismatch", f"timed run {run + 1}: the output differs from the reference "
+                                        "(its fingerprint is off)")  # fmt: skip
     for run, packed in zip(checked_runs, reply.checked_outputs, strict=True):
-        kind, message, _, _ = compare(expected[run % len(expected)], unpack_values(packed, ctx.device), tol)
+        kind, message, _, _ = compare(expected[order[run]], unpack_values(packed, ctx.device), tol)
         if kind:
             raise pipeline.CheckFailure(kind, f"timed run {run + 1}: {message}")
     stats = pipeline.timing_stats(times)
     baseline_ms = job.baseline_ms
     if baseline_ms is None:
         with torch.no_grad(), blame_reference(ctx):
-            baseline_times, _ = pipeline.time_cuda(reference, input_sets, n_runs)
+            baseline_times, _ = pipeline.time_cuda(reference, input_sets, n_runs, order=order)
         baseline_ms = statistics.median(baseline_times)
     verdict.timings["benchmark_s"] = time.perf_counter() - t0
     speedup = baseline_ms / stats["median"] if stats["median"] > 0 else 0.0

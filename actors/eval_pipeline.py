@@ -86,10 +86,11 @@ class TorchOpRecorder(TorchDispatchMode):
         super().__init__()
         self.launches = launches
         self.ops: set[str] = set()
+        self.allowed = ALLOWED_ATEN_OPS  # bound now: rebinding the module's name later changes nothing here
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
-        if name not in ALLOWED_ATEN_OPS and not (self.launches.inside and name in INTERPRETER_ATEN_OPS):
+        if name not in self.allowed and not (self.launches.inside and name in INTERPRETER_ATEN_OPS):
             self.ops.add(f"aten.{name}" + (" (inside launch)" if self.launches.inside else ""))
         return func(*args, **(kwargs or {}))
 
@@ -197,15 +198,19 @@ def time_cuda(
     checked_runs: frozenset[int] = frozenset(),
     checking: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     poison_outputs: bool = False,
+    order: list[int] | None = None,
+    after_run: Callable[[int, Any], None] | None = None,
 ) -> tuple[list[float], list[Any]]:
     """CUDA-event times in ms of ``n_runs`` calls, and the outputs of the ``checked_runs``.
 
-    Run ``i`` takes fresh clones of ``input_sets[i % len(input_sets)]``. Warm-up first; before every timed
-    call an L2 flush and a device-wide sync. The end event is recorded after a device-wide synchronisation,
-    so work a call leaves on side streams is inside its interval. The checked runs run inside
-    ``checking()`` (the runner's op recorder). With ``poison_outputs`` every output is filled with NaN
-    after its run (outside the interval), so handing back an earlier output does not pass.
+    Run ``i`` takes fresh clones of ``input_sets[order[i]]`` (default ``i % len``). Warm-up first; before every
+    timed call an L2 flush and a device-wide sync. The end event is recorded after a device-wide
+    synchronisation, so work a call leaves on side streams is inside its interval. The checked runs run
+    inside ``checking()`` (the runner's op recorder). After each run, outside its interval, ``after_run(i,
+    out)`` sees the output (the runner fingerprints it), then with ``poison_outputs`` it is filled with NaN,
+    so handing back an earlier output does not pass.
     """
+    order = order if order is not None else [i % len(input_sets) for i in range(n_runs)]
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     for i in range(n_warmup):
         with checking():
@@ -214,7 +219,7 @@ def time_cuda(
     times: list[float] = []
     checked: list[Any] = []
     for i in range(n_runs):
-        args = [clone_value(x) for x in input_sets[i % len(input_sets)]]
+        args = [clone_value(x) for x in input_sets[order[i]]]
         flush.zero_()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -225,6 +230,8 @@ def time_cuda(
             end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+        if after_run is not None:
+            after_run(i, out)
         if i in checked_runs:
             checked.append([clone_value(o) for o in out] if isinstance(out, tuple | list) else clone_value(out))
         if poison_outputs:
@@ -232,6 +239,15 @@ def time_cuda(
                 if isinstance(o, torch.Tensor) and o.is_floating_point():
                     o.detach().fill_(float("nan"))
     return times, checked
+
+
+FINGERPRINTS_PER_OUTPUT = 3  # independent weight vectors: a wrong output slips past all three ~never
+
+
+def fingerprint_weights(seed: int, index: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """The random weights both judge and runner use to fingerprint output ``index`` of a timed run (CPU, float32)."""
+    generator = torch.Generator().manual_seed(seed * 1009 + index)
+    return [torch.rand(shape, generator=generator) - 0.5 for _ in range(FINGERPRINTS_PER_OUTPUT)]
 
 
 def timing_stats(times: list[float]) -> dict[str, float]:

@@ -126,10 +126,12 @@ class RunTrial(msgspec.Struct, tag="trial", frozen=True):
 
 
 class RunBenchmark(msgspec.Struct, tag="bench", frozen=True, kw_only=True):
-    input_sets: list[PackedValues]  # timed run i uses set i % len
+    input_sets: list[PackedValues]
+    order: list[int]  # timed run i uses input_sets[order[i]]
     n_warmup: int
     n_runs: int
     checked_runs: list[int]  # runs whose output comes back and whose torch ops are recorded
+    fingerprint_seed: int  # every run's outputs are fingerprinted with weights from this seed
 
 
 class RunnerLoaded(msgspec.Struct, tag="loaded", frozen=True, kw_only=True):
@@ -163,6 +165,7 @@ class BenchmarkOutput(msgspec.Struct, tag="timed", frozen=True, kw_only=True):
     job_id: str
     nonce: str
     times_ms: list[float]
+    fingerprints: list[list[float]]  # per run, per output tensor: sum(output * weights)
     min_launches: int
     torch_ops: list[str]
     checked_outputs: list[PackedValues]
@@ -182,11 +185,16 @@ class FrameCodec:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(union)
 
-    def write(self, fd: int, frame: Any) -> None:
+    def write(self, fd: int, frame: Any, deadline: float | None = None) -> None:
+        """Write one frame; with a ``deadline``, TimeoutError if the reader has not taken it by then."""
         data = self._encoder.encode(frame)
         view = memoryview(_HEADER.pack(len(data)) + data)
         while view:
-            view = view[os.write(fd, view) :]
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([], [fd], [], remaining)[1]:
+                    raise TimeoutError
+            view = view[os.write(fd, view[: 1 << 20]) :]
 
     def read(self, fd: int, deadline: float | None = None) -> Any:
         """The next frame; None at a clean EOF; TimeoutError past ``deadline``; ProtocolViolation on garbage."""

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,7 +40,20 @@ from kernelrl.actors.eval_sandbox import (
     isolate_network,
 )
 
-HOST_ESCAPE_METHODS = ("apply_", "map_", "map2_", "tolist", "numpy", "item", "__array__")
+HOST_ESCAPE_METHODS = (
+    "apply_",
+    "map_",
+    "map2_",
+    "tolist",
+    "numpy",
+    "item",
+    "__array__",
+    "__float__",
+    "__int__",
+    "__bool__",
+    "__index__",
+    "__format__",
+)
 _zygote_encoder = msgspec.msgpack.Encoder()
 _zygote_decoder = msgspec.msgpack.Decoder(p.ZygoteFrame)
 RUNNER_TO_JUDGE = p.FrameCodec(p.RunnerToJudge, 1 << 20)  # only for typing symmetry; the judge reads with its own bound
@@ -73,25 +87,34 @@ class RunnerTools:
 
             warm_interpreter(scratch)
         value_digests(unpack_values(pack_values([probe]), "cpu"))
+        self.time_cuda = pipeline.time_cuda  # bound before any candidate runs
         self.sandbox = Sandbox([])
         self.sandbox.install()
         self._close_host_escapes()
 
     def _close_host_escapes(self) -> None:
-        """While candidate code runs (outside Triton's own launch machinery), tensor methods that hand data to
-        host Python or numpy raise: arithmetic there would never pass through the dispatch recorder."""
+        """While candidate code runs (grid callables and hooks inside a launch included), tensor methods that
+        hand data to host Python or numpy raise, and so does printing a tensor (``str``, ``repr``, ``format``
+        switch the dispatch recorder off and read every element): arithmetic there would never be recorded.
+        Triton's interpreter reads its arguments through numpy views, not through these."""
         import torch
+        import torch._tensor_str
 
-        sandbox, launches = self.sandbox, self.launches
+        sandbox = self.sandbox
+
+        def guard(owner: Any, name: str, what: str) -> None:
+            original = getattr(owner, name)
+
+            def guarded(*args: Any, __original: Any = original, **kwargs: Any) -> Any:
+                if sandbox.active:
+                    raise SandboxViolation(f"sandbox: {what} takes data out of torch; compute in a Triton kernel")
+                return __original(*args, **kwargs)
+
+            setattr(owner, name, guarded)
+
         for name in HOST_ESCAPE_METHODS:
-            original = getattr(torch.Tensor, name)
-
-            def guarded(tensor: Any, *args: Any, __original: Any = original, __name: str = name, **kwargs: Any) -> Any:
-                if sandbox.active and not launches.inside:
-                    raise SandboxViolation(f"sandbox: Tensor.{__name}() takes data out of torch; compute in a Triton kernel")
-                return __original(tensor, *args, **kwargs)
-
-            setattr(torch.Tensor, name, guarded)
+            guard(torch.Tensor, name, f"Tensor.{name}()")
+        guard(torch._tensor_str, "_str", "printing a tensor")
 
 
 def zygote_main(control_fd: int, device: str, limits: WorkerLimits) -> int:
@@ -103,6 +126,10 @@ def zygote_main(control_fd: int, device: str, limits: WorkerLimits) -> int:
     apply_limits(limits, device.startswith("cuda"))
     network = isolate_network()
     tools = RunnerTools(device)
+    import torch
+
+    if torch.cuda.is_initialized():  # every runner must create its own CUDA context after the fork
+        raise RuntimeError("the evaluation zygote initialised CUDA before forking its runners")
     confinement = probe_confinement(Path.cwd())
     control = socket.socket(fileno=control_fd)
     control.send(_zygote_encoder.encode(p.ZygoteReady(pid=os.getpid(), network=network, confinement=confinement)))
@@ -168,8 +195,9 @@ def _keeper_main(sock_fd: int, job_dir: Path, device: str, limits: WorkerLimits,
         os.close(sock_fd)
         _, status = os.waitpid(runner, 0)
         code = os.waitstatus_to_exitcode(status)
-        if code < 0:
-            signal.signal(-code, signal.SIG_DFL)
+        if code < 0:  # die the way the runner died, so the zygote reports its signal
+            if -code not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(-code, signal.SIG_DFL)
             os.kill(os.getpid(), -code)
     except BaseException:  # a keeper reports by its exit status alone
         code = 1
@@ -209,7 +237,8 @@ def _runner_main(sock_fd: int, job_dir: Path, device: str, limits: WorkerLimits,
         os.closerange(sock_fd + 1, 1 << 16)
         os.chdir(job_dir)
         os.environ["TRITON_CACHE_DIR"] = str(job_dir / "triton-cache")
-        os.environ["TMPDIR"] = str(job_dir)
+        os.environ["TMPDIR"] = os.environ["HOME"] = str(job_dir)
+        tempfile.tempdir = str(job_dir)  # the zygote's tempfile module cached its own directory
         code = Runner(sock_fd, job_dir, device, limits, tools).serve()
     except BaseException:
         with contextlib.suppress(Exception):
@@ -312,7 +341,7 @@ class Runner:
             try:
                 t0 = time.perf_counter()
                 with recorder:
-                    out = self.model(*inputs)
+                    out = plain_outputs(self.model(*inputs))
                 self._sync()
                 elapsed = time.perf_counter() - t0
             except Exception as exc:
@@ -320,12 +349,7 @@ class Runner:
                 return False
         launches = self.tools.launches.count
         outputs = pipeline.flatten_outputs(out)
-        try:
-            packed = pack_values(out)
-        except (TypeError, ValueError) as exc:
-            self.fail("correctness", pipeline.CheckFailure("shape", f"ModelNew.forward returned something that is not "
-                                                          f"tensors or numbers: {exc}"))  # fmt: skip
-            return False
+        packed = pack_values(out)
         self.send(
             p.TrialOutput(
                 job_id=self.job_id,
@@ -354,19 +378,32 @@ class Runner:
         recorder = pipeline.TorchOpRecorder(self.tools.launches)
         launches = self.tools.launches
         min_launches = [1 << 30]
+        weights: dict[tuple[int, tuple[int, ...]], list[torch.Tensor]] = {}
+        fingerprints: list[list[torch.Tensor]] = []
 
         def counted(*args: Any) -> Any:
             launches.count = 0
-            out = self.model(*args)
+            out = plain_outputs(self.model(*args))
             min_launches[0] = min(min_launches[0], launches.count)
             return out
 
+        def fingerprint(run: int, out: Any) -> None:
+            row = []
+            for k, o in enumerate(pipeline.flatten_outputs(out)):
+                if isinstance(o, torch.Tensor):
+                    key = (k, tuple(o.shape))
+                    if key not in weights:
+                        weights[key] = [w.to(o.device) for w in pipeline.fingerprint_weights(frame.fingerprint_seed, k, key[1])]
+                    o64 = o.detach().double()
+                    row.extend((o64 * w.double()).sum() for w in weights[key])
+            fingerprints.append(row)
+
         with torch.no_grad(), self.tools.sandbox.enforcing(self.job_dir):
             try:
-                checked_runs = frozenset(frame.checked_runs)
-                times, checked = pipeline.time_cuda(
-                    counted, input_sets, frame.n_runs, frame.n_warmup, checked_runs, lambda: recorder, poison_outputs=True
-                )
+                times, checked = self.tools.time_cuda(
+                    counted, input_sets, frame.n_runs, frame.n_warmup, frozenset(frame.checked_runs), lambda: recorder,
+                    poison_outputs=True, order=frame.order, after_run=fingerprint,
+                )  # fmt: skip
             except Exception as exc:
                 self.fail("benchmark", exc)
                 return False
@@ -375,12 +412,31 @@ class Runner:
                 job_id=self.job_id,
                 nonce=self.nonce,
                 times_ms=times,
+                fingerprints=[[float(f) for f in row] for row in fingerprints],
                 min_launches=min_launches[0] if times else 0,
                 torch_ops=sorted(recorder.ops),
                 checked_outputs=[pack_values(out) for out in checked],
             )
         )
         return True
+
+
+def plain_outputs(out: Any) -> Any:
+    """``forward``'s result as exact tensors and numbers, in a plain tuple, checked while the sandbox and the
+    recorder still watch: a subclass or a custom container could compute later, where nothing looks."""
+    import torch
+
+    from kernelrl.actors.eval_pipeline import CheckFailure
+
+    def plain(value: Any) -> Any:
+        if type(value) is torch.Tensor or type(value) in (int, float, bool) or value is None:
+            return value
+        raise CheckFailure("shape", f"ModelNew.forward returned a {type(value).__name__}; return tensors (or a "
+                           "tuple/list of tensors) as the reference does")  # fmt: skip
+
+    if type(out) in (tuple, list):
+        return tuple(plain(v) for v in out)
+    return plain(out)
 
 
 def _aliased_inputs(inputs: list[Any], outputs: list[Any]) -> list[int]:

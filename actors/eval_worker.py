@@ -10,6 +10,7 @@ another job, or one that does not decode, replaces the judge and never reaches t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -48,7 +49,7 @@ class EvalWorker:
         self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._root: Path | None = None
-        self._baselines: dict[tuple[str, str, str], float] = {}
+        self._baselines: dict[tuple[str, ...], float] = {}
         self._jobs_on_this_worker = 0
 
     @property
@@ -125,7 +126,10 @@ class EvalWorker:
             self.stop()  # a fresh worker sheds Triton's per-kernel caches
         ready = self.start()
         self._jobs_on_this_worker += 1
-        baseline_key = (request.problem_id, ready.device_name, ready.torch_version)
+        # the reference's own source (requests may carry it) and its size scale decide what the baseline timed
+        source_hash = hashlib.sha256(request.problem_source.encode("utf-8", "surrogatepass")).hexdigest()
+        scale = os.environ.get("KRL_PROBLEM_SCALE", "1")
+        baseline_key = (request.problem_id, source_hash, scale, ready.device_name, ready.torch_version)
         job = p.WorkerJob(
             job_id=request.eval_id,
             problem_source=request.problem_source,

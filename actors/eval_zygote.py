@@ -63,7 +63,8 @@ class Zygote:
         self.proc = subprocess.Popen(
             [sys.executable, "-P", "-m", "kernelrl.actors.eval_runner", "--control-fd", str(theirs.fileno()),
              "--device", self.device, "--limits", limits_json],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd=self.root, env=os.environ.copy(),
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd=self.root,
+            env={**os.environ, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"},  # a device-count check must not initialise CUDA
         )  # fmt: skip
         theirs.close()
         self.control = ours
@@ -157,9 +158,10 @@ class RunnerSession:
         self.pid, self.sock = zygote.fork(job_dir)
         self.exit_code: int | None = None
 
-    def send(self, frame: Any) -> None:
+    def send(self, frame: Any, deadline: float) -> None:
+        """TimeoutError if the runner does not take the frame by ``deadline``; RunnerGone if it exited."""
         try:
-            p.JUDGE_TO_RUNNER.write(self.sock.fileno(), frame)
+            p.JUDGE_TO_RUNNER.write(self.sock.fileno(), frame, deadline)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise RunnerGone from exc
 

@@ -2,9 +2,21 @@
 
 Subscribes: ``krl.<run>.event.>`` through its own durable consumer (explicit acks).
 Writes: ``turns.jsonl``, ``trajectories.jsonl``, ``steps.jsonl``, ``eval_logs/eval_step_XXXX.json``.
-Invariant: an event is acked only after it is written and fsynced; a write that fails leaves it and
-the rest of its batch un-acked (nak'd), so JetStream keeps them until the disk takes them. Acks are
-per message, never ack-all: a restarted logger must not settle what a killed one fetched but never wrote.
+Invariant: an event is acked only after it is written and fsynced. Acks are per message, never
+ack-all: a restarted logger must not settle what a killed one fetched but never wrote.
+
+Disk faults (see ``kernelrl.actors.run_log`` for why the two differ):
+
+- a failed write (full disk): the torn write is truncated away, the event and the rest of its batch
+  are nak'd with ``retry_backoff_s`` delay and retried; the logger keeps running;
+- a failed fsync: the logger never retries it. Every JSONL file is cut back to its size at its last
+  successful fsync, the events written since are nak'd (never acked) and ``run`` raises
+  ``LogSyncError``; ``kernelrl logger`` exits with status 3 and one line naming the file and errno,
+  its supervisor restarts it and JetStream redelivers those events to be written again (at once for
+  the nak'd ones; events already delivered into the client's buffer but not yet read come back
+  after ``ack_wait``, as after a kill);
+- another process logging into the same directory: refused at start (``LogDirInUse``, exit status 2),
+  before any JSONL file is opened.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -24,7 +37,14 @@ import orjson
 from nats.js import api
 
 from kernelrl.actors import console
-from kernelrl.actors.run_log import AppendOnlyJsonl, LogWriteError, write_json_atomically
+from kernelrl.actors.run_log import (
+    AppendOnlyJsonl,
+    LogDirLock,
+    LogSyncError,
+    LogWriteError,
+    errno_name,
+    write_json_atomically,
+)
 from kernelrl.core import messages as m
 from kernelrl.core import subjects as s
 from kernelrl.core.actor import default_actor_id
@@ -39,27 +59,40 @@ FILE_FOR_TYPE: dict[type[m.Message], str] = {
     m.StepSummary: "steps.jsonl",
 }
 
+# After a failed fsync, how long the logger spends handing its un-acked events back before it exits.
+_NAK_ON_EXIT_TIMEOUT_S = 5.0
+
 
 def verbose_from_env() -> bool:
     return os.environ.get("VERBOSE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class RunLogFiles:
-    """The open JSONL files of one log directory."""
+    """The open JSONL files of one log directory, and the directory's lock (taken first)."""
 
     def __init__(self, log_dir: Path, settings: LoggerSettings) -> None:
         self.log_dir = log_dir
+        self.files: dict[type[m.Message], AppendOnlyJsonl] = {}
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = LogDirLock(log_dir)  # LogDirInUse before any JSONL file is touched
+        except OSError as exc:
+            raise LogWriteError(exc.errno, f"log directory {log_dir} is not writable: {exc.strerror}") from exc
+        try:
             probe = log_dir / ".writable"
             probe.touch()
             probe.unlink()
-            self.files = {
-                t: AppendOnlyJsonl(log_dir / name, settings.dedup_scan_bytes, settings.dedup_capacity)
-                for t, name in FILE_FOR_TYPE.items()
-            }
+            for t, name in FILE_FOR_TYPE.items():
+                self.files[t] = AppendOnlyJsonl(log_dir / name, settings.dedup_scan_bytes, settings.dedup_capacity)
+        except LogSyncError:
+            self.close()
+            raise
         except OSError as exc:
+            self.close()
             raise LogWriteError(exc.errno, f"log directory {log_dir} is not writable: {exc.strerror}") from exc
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, delivery: Delivery[m.Message]) -> bool:
         """Write one event; False if it was already written."""
@@ -74,15 +107,55 @@ class RunLogFiles:
         return self.files[type(msg)].append(m.message_id(msg), data + b"\n")
 
     def eval_path(self, msg: m.EvalSummary) -> Path:
-        return self.log_dir / "eval_logs" / f"eval_step_{msg.step:04d}.json"
+        """``eval_step_XXXX.json``; a second, different summary for the same step (a continued run, a
+        re-evaluation) goes beside it as ``eval_step_XXXX.<event id>.json`` instead of overwriting it.
+        The same summary delivered twice lands on the same path."""
+        base = self.log_dir / "eval_logs" / f"eval_step_{msg.step:04d}.json"
+        try:
+            existing = orjson.loads(base.read_bytes()).get("event_id")
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            return base
+        if existing == msg.event_id:
+            return base
+        return base.with_name(f"eval_step_{msg.step:04d}.{msg.event_id[:16]}.json")
 
     def fsync(self) -> None:
+        """Fsync every file; ``LogSyncError`` at the first that fails (the caller must ``cut_back_to_synced``)."""
         for f in self.files.values():
             f.fsync()
 
-    def close(self) -> None:
+    def cut_back_to_synced(self) -> str:
+        """Cut every file back to its last synced size; returns what was done, for the error line."""
+        parts, total = [], 0
         for f in self.files.values():
-            f.close()
+            try:
+                records, cut = f.cut_back_to_synced()
+            except OSError as exc:
+                parts.append(f"{f.path.name} could NOT be cut back to {f.synced_size} bytes: {errno_name(exc.errno)}")
+                continue
+            total += records
+            if cut:
+                parts.append(f"{f.path.name}: {_count(records, 'record')} ({cut} bytes) cut away, back to {f.synced_size} bytes")
+        if not parts:
+            return "nothing had been written since the last successful fsync"
+        return f"cut back to the last successful fsync, dropping {_count(total, 'record')} never acked ({'; '.join(parts)})"
+
+    def close(self) -> None:
+        """Close every file (fsyncing what is dirty) and release the lock, even if a close fails."""
+        try:
+            for f in self.files.values():
+                try:
+                    f.close()
+                except OSError as exc:
+                    log.error("closing %s: %s", f.path, exc)
+        finally:
+            lock = getattr(self, "lock", None)
+            if lock is not None:
+                lock.release()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 class LoggerActor:
@@ -94,7 +167,9 @@ class LoggerActor:
         settings: LoggerSettings,
         out: TextIO | None = None,
         actor_id: str | None = None,
+        files: RunLogFiles | None = None,
     ) -> None:
+        """``files``: the log directory already opened (and locked) by the caller; the actor closes it."""
         self.bus = bus
         self.settings = settings
         self.verbose = settings.verbose or verbose_from_env()
@@ -103,6 +178,7 @@ class LoggerActor:
         self.device = ""
         self.state = "starting"
         self.counters: Counter[str] = Counter()
+        self._files = files
 
     async def ensure_consumer(self) -> None:
         cfg = self.settings
@@ -119,9 +195,13 @@ class LoggerActor:
         )
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await self.ensure_consumer()
-        files = RunLogFiles(Path(self.settings.log_dir), self.settings)
-        consumer = await self.bus.pull(self.bus.subjects.event_stream, s.LOGGER_CONSUMER)
+        files = self._files or RunLogFiles(Path(self.settings.log_dir), self.settings)
+        try:
+            await self.ensure_consumer()
+            consumer = await self.bus.pull(self.bus.subjects.event_stream, s.LOGGER_CONSUMER)
+        except BaseException:
+            files.close()
+            raise
         unacked: list[Delivery[m.Message]] = []
         last_sync = time.monotonic()
         try:
@@ -132,8 +212,9 @@ class LoggerActor:
                 failed = written < len(batch)
                 caught_up = len(batch) < self.settings.fetch_batch
                 if unacked and (failed or caught_up or time.monotonic() - last_sync >= self.settings.fsync_interval_s):
-                    if await self._sync_and_ack(files, unacked):
-                        unacked, last_sync = [], time.monotonic()
+                    to_ack, unacked = unacked, []
+                    await self._sync_and_ack(files, to_ack, also_nak=batch[written:])
+                    last_sync = time.monotonic()
                 self.out.flush()
                 if failed:
                     for d in batch[written:]:
@@ -142,11 +223,13 @@ class LoggerActor:
                         await asyncio.wait_for(stopping.wait(), self.settings.retry_backoff_s)
         finally:
             self.state = "stopping"
-            if unacked:
-                await self._sync_and_ack(files, unacked)
-            files.close()
-            await consumer.close()
-            self.out.flush()
+            try:
+                if unacked:
+                    await self._sync_and_ack(files, unacked)
+            finally:
+                files.close()
+                await consumer.close()
+                self.out.flush()
 
     def _write_batch(self, files: RunLogFiles, batch: list[Delivery[m.Message]]) -> int:
         """Write in order; returns how many were settled (written or already on disk) before a failure."""
@@ -173,15 +256,33 @@ class LoggerActor:
                 self.counters["duplicates_skipped"] += 1
         return len(batch)
 
-    async def _sync_and_ack(self, files: RunLogFiles, deliveries: list[Delivery[m.Message]]) -> bool:
+    async def _sync_and_ack(
+        self, files: RunLogFiles, deliveries: list[Delivery[m.Message]], also_nak: Sequence[Delivery[m.Message]] = ()
+    ) -> None:
+        """Fsync, then ack ``deliveries``. If the fsync fails, nothing is acked: the files are cut back to
+        their last synced sizes, ``deliveries`` and ``also_nak`` are nak'd for prompt redelivery, and the
+        ``LogSyncError`` propagates (the process must exit: see the module docstring)."""
         try:
             files.fsync()
-        except OSError as exc:
-            log.error("logger cannot fsync %s: %s; events stay un-acked", files.log_dir, exc)
-            return False
+        except LogSyncError as exc:
+            self.counters["fsync_errors"] += 1
+            exc.cut_back = files.cut_back_to_synced()
+            await self._nak_quietly([*deliveries, *also_nak])
+            raise
         for d in deliveries:
             await d.ack()
-        return True
+
+    async def _nak_quietly(self, deliveries: list[Delivery[m.Message]]) -> None:
+        """Hand events back at once; if NATS cannot take the naks, ``ack_wait`` returns them anyway."""
+
+        async def nak_all() -> None:
+            for d in deliveries:
+                await d.nak()
+
+        try:
+            await asyncio.wait_for(nak_all(), _NAK_ON_EXIT_TIMEOUT_S)
+        except Exception as exc:  # best effort on the way out
+            log.warning("could not nak %d events before exiting (%r); they return after ack_wait", len(deliveries), exc)
 
     def _print(self, files: RunLogFiles, msg: m.Message) -> None:
         match msg:

@@ -28,6 +28,7 @@ def add_bus_arguments(parser: argparse.ArgumentParser, resolve: bool = True) -> 
     parser.add_argument("--nats", default=None, help="NATS server URL (default: $KRL_NATS, the latest run's, or 4222)")
     parser.add_argument("--run", default=None, help="run id (default: $KRL_RUN, the latest local run, or 'default')")
     parser.add_argument("--log-level", default=os.environ.get("KRL_LOG_LEVEL", "INFO"))
+    parser.add_argument("--replicas", type=int, default=1, help="store streams on this many servers of a NATS cluster")
     parser.set_defaults(resolve_bus=resolve)
 
 
@@ -38,7 +39,7 @@ def resolve_bus_arguments(args: argparse.Namespace) -> None:
 
 
 def bus_settings(args: argparse.Namespace) -> BusSettings:
-    return BusSettings(url=args.nats, run=args.run)
+    return BusSettings(url=args.nats, run=args.run, replicas=args.replicas)
 
 
 async def connect_tool(url: str, name: str, reconnect: bool = False, timeout_s: float = 5.0) -> NatsClient:

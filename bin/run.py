@@ -37,6 +37,12 @@ log = logging.getLogger("kernelrl.run")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_bus_arguments(parser, resolve=False)  # no --nats: start a broker; no --run: a new run
     parser.add_argument("--runs-root", default=str(RUNS_ROOT), help="where run directories go (default %(default)s)")
+    parser.add_argument(
+        "--roles",
+        default=",".join(ROLES),
+        help="the roles this process runs, comma-separated (default: all of %(default)s); with --nats and --run, "
+        "join a run whose broker is on another host",
+    )
     parser.add_argument("--run-dir", help="this run's directory (default <runs-root>/<run id>)")
     parser.add_argument("--verbose", action="store_true", help="detailed console output (or VERBOSE=true)")
     parser.add_argument(
@@ -54,6 +60,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sample-evals", type=int, default=4, help="built-in reference solutions the sample sends to the evaluators"
     )
+
+
+ROLES = ("logger", "evaluator", "sample")
+
+
+def parse_roles(text: str) -> list[str]:
+    roles = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown or not roles:
+        named = ", ".join(unknown) or "(none given)"
+        raise ValueError(f"--roles {text!r}: unknown role(s) {named}; choose from {', '.join(ROLES)}")
+    return roles
 
 
 def visible_gpus() -> list[str]:
@@ -77,28 +95,16 @@ async def logger_caught_up(bus: Bus) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
-async def supervise_broker(server: EmbeddedNatsServer, stopping: asyncio.Event, budget: RestartBudget,
-                           gave_up: dict[str, str], poll_s: float = 0.5) -> None:  # fmt: skip
-    """Restart the embedded server on its port and store whenever it dies, within its restart budget."""
-    while not stopping.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), poll_s)
-        if stopping.is_set() or server.running:
-            continue
-        code = server.exit_code
-        if not budget.allow():
-            gave_up["nats-server"] = f"exited with status {code}; {budget.recent} restarts within {budget.window_s:.0f}s"
-            log.error("NATS server exited with status %s and exhausted its restart budget; stopping the run", code)
-            stopping.set()
-            return
-        log.warning("NATS server exited with status %s; restarting it on %s (restart %d)", code, server.url, budget.recent)
-        try:
-            await server.start()
-        except (RuntimeError, TimeoutError, OSError) as exc:
-            log.error("NATS server did not come back: %s", exc)
-
-
 async def amain(args: argparse.Namespace) -> int:
+    try:
+        roles = parse_roles(args.roles)
+    except ValueError as exc:
+        print(f"kernelrl run: {exc}", file=sys.stderr)
+        return 2
+    args.nats = args.nats or os.environ.get("KRL_NATS") or None
+    if args.nats and not (args.run or os.environ.get("KRL_RUN")):
+        print("kernelrl run: --run ID is needed to join a run on another broker (--nats)", file=sys.stderr)
+        return 2
     runs_root = Path(args.runs_root)
     args.run = args.run or os.environ.get("KRL_RUN") or new_run_id(runs_root)
     run = RunDirectory(root=str(runs_root), run_id=args.run)
@@ -124,15 +130,20 @@ async def amain(args: argparse.Namespace) -> int:
         bus = await Bus.connect(bus_settings(args), name="kernelrl-run")
         stack.push_async_callback(bus.close)
         await bus.provision()
-        common = ["--nats", args.nats, "--run", args.run, "--log-level", args.log_level]
+        common = ["--nats", args.nats, "--run", args.run, "--log-level", args.log_level, "--replicas", str(args.replicas)]
         logger_args = ["--log-dir", str(log_dir), *(["--verbose"] if args.verbose else [])]
-        specs = [ChildSpec(name="logger", argv=child_argv("logger", *common, *logger_args))]
-        gpus = visible_gpus()
-        for gpu in gpus:
-            specs.append(ChildSpec(name=f"evaluator-gpu{gpu}", argv=child_argv("evaluator", *common, "--gpu", gpu)))
-        if not gpus:
-            specs.append(ChildSpec(name="evaluator-cpu", argv=child_argv("evaluator", *common)))
-        log.info("evaluators: %s", ", ".join(f"GPU {g}" for g in gpus) or "one on the CPU (Triton interpreter)")
+        specs = []
+        if "logger" in roles:
+            specs.append(ChildSpec(name="logger", argv=child_argv("logger", *common, *logger_args)))
+        if "evaluator" in roles:
+            gpus = visible_gpus()
+            for gpu in gpus:
+                specs.append(ChildSpec(name=f"evaluator-gpu{gpu}", argv=child_argv("evaluator", *common, "--gpu", gpu)))
+            if not gpus:
+                specs.append(ChildSpec(name="evaluator-cpu", argv=child_argv("evaluator", *common)))
+            log.info("evaluators: %s", ", ".join(f"GPU {g}" for g in gpus) or "one on the CPU (Triton interpreter)")
+        if "sample" not in roles or "logger" not in roles:  # the sample stream ends once the logger has it all
+            args.sample_steps = 0
         if args.sample_steps > 0:
             sample = ["--steps", str(args.sample_steps), "--evals", str(args.sample_evals)]
             specs.append(ChildSpec(name="sample-events", argv=child_argv("sample-events", *common, *sample), restart=False))
@@ -153,7 +164,7 @@ async def amain(args: argparse.Namespace) -> int:
             supervised = tg.create_task(supervisor.run(stopping))
             tg.create_task(finish_when_sample_logged())
             if server is not None:
-                tg.create_task(supervise_broker(server, stopping, RestartBudget(5, 600.0), gave_up))
+                tg.create_task(server.supervise(stopping, RestartBudget(5, 600.0), gave_up))
         codes = supervised.result()
     gave_up.update(supervisor.gave_up)
     if gave_up:

@@ -54,6 +54,9 @@ _FETCH_UNAVAILABLE = (
 )
 
 
+UNAVAILABLE_REMINDER_S = 30.0
+
+
 class Delivery(Generic[T]):
     """A decoded JetStream message and the handles to settle it."""
 
@@ -100,6 +103,7 @@ class PullConsumer(Generic[T]):
         self._psub = psub
         self.name = name
         self.on_undecodable: Callable[[Msg, str], Awaitable[None]] | None = None
+        self._unavailable_logged_at = -UNAVAILABLE_REMINDER_S
 
     async def fetch(self, batch: int, timeout_s: float) -> list[Delivery[T]]:
         """Up to ``batch`` messages; an empty list when none arrived within ``timeout_s``."""
@@ -108,8 +112,11 @@ class PullConsumer(Generic[T]):
         except _FETCH_EMPTY:
             return []
         except _FETCH_UNAVAILABLE as exc:
-            log.warning("fetch from %s: JetStream unavailable (%r); retrying", self.name, exc)
-            await asyncio.sleep(min(timeout_s, 0.5))
+            now = time.monotonic()
+            if now - self._unavailable_logged_at >= UNAVAILABLE_REMINDER_S:  # one line, then a reminder now and then
+                self._unavailable_logged_at = now
+                log.warning("fetch from %s: JetStream unavailable (%r); retrying", self.name, exc)
+            await asyncio.sleep(max(min(timeout_s, 0.5), 0.1))
             return []
         out: list[Delivery[T]] = []
         for raw in raws:
@@ -148,6 +155,7 @@ class ConnectionReporter:
         self._last_line = 0.0
 
     def disconnected(self) -> None:
+        self.first_connect = False  # it was connected, so what follows are reconnect attempts
         if self.connected:
             self.connected = False
             self._down_since = self._last_line = self.clock()
@@ -201,7 +209,7 @@ class Bus:
         try:
             await asyncio.wait_for(
                 nc.connect(
-                    servers=[settings.url],
+                    servers=[url.strip() for url in settings.url.split(",") if url.strip()],
                     name=name,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
@@ -236,6 +244,7 @@ class Bus:
             "storage": storage,
             "duplicate_window": cfg.duplicate_window_s,
             "max_msg_size": cfg.max_msg_size,
+            "num_replicas": cfg.replicas,
         }
         await self._ensure_stream(
             api.StreamConfig(
@@ -297,8 +306,9 @@ class Bus:
                 ack_wait=cfg.batch_ack_wait_s,
             ),
         )
-        await self._ensure_kv(api.KeyValueConfig(bucket=st.policy_bucket, history=8, storage=storage))
-        await self._ensure_kv(api.KeyValueConfig(bucket=st.actors_bucket, history=1, ttl=cfg.heartbeat_ttl_s, storage=storage))
+        await self._ensure_kv(api.KeyValueConfig(bucket=st.policy_bucket, history=8, storage=storage, replicas=cfg.replicas))
+        await self._ensure_kv(api.KeyValueConfig(bucket=st.actors_bucket, history=1, ttl=cfg.heartbeat_ttl_s, storage=storage,
+                                                 replicas=cfg.replicas))  # fmt: skip
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
         try:

@@ -6,8 +6,10 @@ import msgspec
 
 
 class BusSettings(msgspec.Struct, kw_only=True, frozen=True):
-    url: str = "nats://127.0.0.1:4222"
+    url: str = "nats://127.0.0.1:4222"  # several servers of one cluster: comma-separated
     run: str = "default"
+    # Streams and KV buckets are stored on this many servers (a NATS cluster of at least that many nodes).
+    replicas: int = 1
     connect_timeout_s: float = 10.0
     reconnect_wait_s: float = 0.5
     ping_interval_s: float = 10.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -22,8 +23,13 @@ import sysconfig
 import time
 from pathlib import Path
 
+import msgspec
 import nats
 import nats.errors
+
+from kernelrl.core.supervisor import RestartBudget
+
+log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 NATS_PORT = 4222  # the NATS convention; the embedded server takes it when it is free
@@ -73,8 +79,20 @@ async def _ignore_while_starting(exc: Exception) -> None:
     """Connection refusals are expected until the server listens; the caller retries."""
 
 
+class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's place in a NATS cluster: the cluster's name, where this node listens for routes, its peers."""
+
+    name: str
+    listen: str  # host:port for routes
+    routes: list[str] = []  # nats-route://host:port of the other nodes
+
+
 class EmbeddedNatsServer:
-    """A ``nats-server`` child process with JetStream; usable as an async context manager."""
+    """A ``nats-server`` child process with JetStream; usable as an async context manager.
+
+    Loopback only unless ``host`` says otherwise (``kernelrl server --listen``); with ``cluster`` it is one
+    node of a JetStream cluster (give every node its own ``server_name``).
+    """
 
     def __init__(
         self,
@@ -82,16 +100,25 @@ class EmbeddedNatsServer:
         port: int | None = None,
         max_payload: int = MAX_PAYLOAD,
         sync_interval: str = "always",
+        host: str = "127.0.0.1",
+        server_name: str | None = None,
+        cluster: ClusterSettings | None = None,
+        domain: str | None = None,
     ) -> None:
         self.store_dir = Path(store_dir).resolve()
         self.port = port or free_port()
         self.max_payload = max_payload
         self.sync_interval = sync_interval
+        self.host = host
+        self.server_name = server_name
+        self.cluster = cluster
+        self.domain = domain
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"nats://{host}:{self.port}"
 
     @property
     def config_path(self) -> Path:
@@ -108,21 +135,23 @@ class EmbeddedNatsServer:
 
     def _write_config(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            "\n".join(
-                [
-                    f"listen: 127.0.0.1:{self.port}",
-                    f"max_payload: {self.max_payload}",
-                    "max_pending: 268435456",
-                    "jetstream {",
-                    f'  store_dir: "{self.store_dir / "jetstream"}"',
-                    "  max_memory_store: 1073741824",
-                    f"  sync_interval: {self.sync_interval}",
-                    "}",
-                    "",
-                ]
-            )
-        )
+        lines = [
+            *([f'server_name: "{self.server_name}"'] if self.server_name else []),
+            f"listen: {self.host}:{self.port}",
+            f"max_payload: {self.max_payload}",
+            "max_pending: 268435456",
+            "jetstream {",
+            f'  store_dir: "{self.store_dir / "jetstream"}"',
+            "  max_memory_store: 1073741824",
+            f"  sync_interval: {self.sync_interval}",
+            *([f'  domain: "{self.domain}"'] if self.domain else []),
+            "}",
+        ]
+        if self.cluster is not None:
+            routes = ", ".join(f'"{r}"' for r in self.cluster.routes)
+            lines += ["cluster {", f'  name: "{self.cluster.name}"', f"  listen: {self.cluster.listen}",
+                      f"  routes: [{routes}]", "}"]  # fmt: skip
+        self.config_path.write_text("\n".join([*lines, ""]))
 
     async def start(self, timeout_s: float = 20.0) -> None:
         if self.running:
@@ -175,6 +204,27 @@ class EmbeddedNatsServer:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    async def supervise(self, stopping: asyncio.Event, budget: RestartBudget, gave_up: dict[str, str],
+                        poll_s: float = 0.5) -> None:  # fmt: skip
+        """Restart this server on its port and store whenever it dies, within ``budget``; when the budget is
+        spent, say why in ``gave_up`` and set ``stopping``."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), poll_s)
+            if stopping.is_set() or self.running:
+                continue
+            code = self.exit_code
+            if not budget.allow():
+                gave_up["nats-server"] = f"exited with status {code}; {budget.recent} restarts within {budget.window_s:.0f}s"
+                log.error("NATS server exited with status %s and exhausted its restart budget; stopping", code)
+                stopping.set()
+                return
+            log.warning("NATS server exited with status %s; restarting it on %s (restart %d)", code, self.url, budget.recent)
+            try:
+                await self.start()
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                log.error("NATS server did not come back: %s", exc)
 
     async def __aenter__(self) -> EmbeddedNatsServer:
         await self.start()

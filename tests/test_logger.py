@@ -204,3 +204,23 @@ async def test_console_is_concise_by_default_and_detailed_with_verbose_env(
     assert "Step 1/1" in text or "STEP 1/1" in text
     assert ("Turn-by-Turn Advantage Table:" in text) == (verbose_env == "true")
     assert ("Groups kept for training" in text) == (verbose_env == "true")
+
+
+async def test_two_eval_summaries_for_one_step_both_survive_and_a_redelivery_overwrites_nothing(
+    bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, tmp_path: Path, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
+    first = m.EvalSummary(event_id=f"{run_id}-eval-a", step=3, accuracy=0.25, correct_answers=1, total_samples=4)
+    second = m.EvalSummary(event_id=f"{run_id}-eval-b", step=3, accuracy=0.75, correct_answers=3, total_samples=4)
+    log_dir = tmp_path / "logs"
+    proc = spawn(*logger_args(nats_server.url, run_id, log_dir), stdout=subprocess.DEVNULL)
+    await bus.publish(bus.subjects.event_eval, first)
+    await wait_for(lambda: (log_dir / "eval_logs" / "eval_step_0003.json").exists(), 30, "the first summary")
+    await bus.publish_core(bus.subjects.event_eval, first)  # the same summary again (not deduplicated by JetStream)
+    await bus.publish(bus.subjects.event_eval, second)
+    await wait_for(lambda: len(list((log_dir / "eval_logs").glob("eval_step_0003*.json"))) == 2, 30, "the second summary")
+    files = sorted((log_dir / "eval_logs").glob("eval_step_0003*.json"))
+    accuracies = sorted(orjson.loads(f.read_bytes())["accuracy"] for f in files)
+    assert accuracies == [0.25, 0.75]
+    assert orjson.loads((log_dir / "eval_logs" / "eval_step_0003.json").read_bytes())["event_id"] == first.event_id
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0

@@ -581,3 +581,70 @@ def test_a_zygote_that_dies_mid_job_ends_that_job_and_the_judge_carries_on(fresh
     honest = evaluate(fresh_ungated, RELU, HONEST_RELU)
     assert honest.correctness, f"{honest.error_kind}: {honest.error_message}"
     assert fresh_ungated.pid == judge_pid  # a new zygote, the same judge
+
+
+# ---------------------------------------------------------------- the judge's own robustness
+
+SCALAR_OUTPUT_SOURCE = RELU.source.replace("return torch.relu(x)", "return torch.relu(x), 3")
+SCALAR_OUTPUT = custom_problem(SCALAR_OUTPUT_SOURCE, "relu_and_a_count")
+
+
+def test_a_tensor_where_the_reference_returns_a_number_is_a_mismatch_not_a_judge_crash(worker: EvalWorker) -> None:
+    assert "torch.relu(x), 3" in SCALAR_OUTPUT_SOURCE
+    judge_pid = worker.pid or (worker.start() and worker.pid)
+    result = evaluate(worker, SCALAR_OUTPUT, candidate(forward="out = torch.empty_like(x)\nlaunch_relu(x, out)\nreturn out, out"))
+    assert_verdict(result, "mismatch")
+    assert worker.pid == judge_pid
+    honest = evaluate(worker, SCALAR_OUTPUT, candidate(forward="out = torch.empty_like(x)\nlaunch_relu(x, out)\nreturn out, 3"))
+    assert honest.correctness, f"{honest.error_kind}: {honest.error_message}"
+
+
+def test_a_runner_killed_by_sigkill_is_reported_as_killed_not_as_an_exit_status(fresh_ungated: EvalWorker) -> None:
+    import signal
+    import threading
+
+    fresh_ungated.start()
+    results: list[m.EvalResult] = []
+    job = threading.Thread(target=lambda: results.append(evaluate(fresh_ungated, RELU, SLOW_HONEST_RELU)))
+    job.start()
+    (zygote,) = children_of(fresh_ungated.pid or 0)
+    runner = None
+    for _ in range(4000):  # judge -> zygote -> keeper -> runner
+        keepers = children_of(zygote)
+        runners = children_of(keepers[0]) if keepers else []
+        if runners:
+            runner = runners[0]
+            break
+        threading.Event().wait(0.005)
+    assert runner is not None, "no runner appeared"
+    os.kill(runner, signal.SIGKILL)  # as the kernel's OOM killer would
+    job.join(timeout=120)
+    assert results, "no verdict"
+    assert_verdict(results[0], "out_of_memory")
+    assert "killed" in results[0].error_message
+
+
+def test_timed_run_fingerprints_accept_outputs_within_tolerance_and_reject_outputs_not_computed() -> None:
+    """Every timed call is fingerprinted: a call that skipped the work (stale, empty or other inputs' output) fails.
+
+    Small errors are the full comparisons' job (five trials and five timed calls compared element-wise)."""
+    import torch
+
+    from kernelrl.actors.eval_checks import fingerprint_bounds
+    from kernelrl.actors.eval_pipeline import fingerprint_weights
+
+    reference = torch.relu(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)))
+    bounds = fingerprint_bounds(reference, 7, lambda dtype: (1e-4, 1e-4))
+    weights = fingerprint_weights(7, 0, (64, 128))
+    assert len(bounds) == len(weights) >= 3
+
+    def accepted(out: torch.Tensor) -> bool:
+        prints = [float((out.double() * w.double()).sum()) for w in weights]
+        return all(abs(got - value) <= room for got, (value, room) in zip(prints, bounds, strict=True))
+
+    assert accepted(reference)
+    assert accepted(reference + 5e-5) and accepted(reference * (1 + 5e-5))  # inside the element-wise tolerance
+    other_inputs = torch.relu(torch.randn(64, 128, generator=torch.Generator().manual_seed(1)))
+    not_computed = [reference * 0, other_inputs, reference.flip(0), reference.roll(1, 1), reference + 0.1]
+    not_computed += [torch.randn(64, 128, generator=torch.Generator().manual_seed(s)) for s in range(2, 22)]
+    assert not any(accepted(out) for out in not_computed)
