@@ -310,7 +310,23 @@ class Bus:
         await self._ensure_kv(api.KeyValueConfig(bucket=st.actors_bucket, history=1, ttl=cfg.heartbeat_ttl_s, storage=storage,
                                                  replicas=cfg.replicas))  # fmt: skip
 
+    async def _patiently(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """A JetStream API call retried on time-outs and 503s until ``publish_deadline_s``: a cluster electing
+        leaders, or a server restarting, answers late for a while. Creating what exists is idempotent here."""
+        deadline = time.monotonic() + self.settings.publish_deadline_s
+        while True:
+            try:
+                return await call()
+            except (*_RETRYABLE_PUBLISH, *_FETCH_UNAVAILABLE) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s: JetStream did not answer (%r); retrying", what, exc)
+                await asyncio.sleep(0.5)
+
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        await self._patiently(f"stream {config.name}", lambda: self._create_or_update_stream(config))
+
+    async def _create_or_update_stream(self, config: api.StreamConfig) -> None:
         try:
             await self.js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
@@ -324,6 +340,9 @@ class Bus:
         (``add_consumer`` would silently update an existing consumer's ``ack_wait`` and friends to this
         actor's defaults, undoing what the run was provisioned with.)
         """
+        await self._patiently(f"consumer {config.durable_name}", lambda: self._create_consumer(stream, config))
+
+    async def _create_consumer(self, stream: str, config: api.ConsumerConfig) -> None:
         durable = config.durable_name or ""
         try:
             await self.js.consumer_info(stream, durable)
@@ -337,6 +356,9 @@ class Bus:
                 raise
 
     async def _ensure_kv(self, config: api.KeyValueConfig) -> None:
+        await self._patiently(f"bucket {config.bucket}", lambda: self._create_kv(config))
+
+    async def _create_kv(self, config: api.KeyValueConfig) -> None:
         try:
             await self.js.key_value(config.bucket)
         except nats.js.errors.BucketNotFoundError:
