@@ -8,7 +8,9 @@ Figures:
 - seed_records_per_s: ``json.dump(record, f, indent=2)`` into one new file per record, no fsync;
 - ratio_vs_seed = end_to_end_records_per_s / seed_records_per_s.
 The throughput figures use nats-server's default file-store sync (every 2 min);
-records_per_s_nats_sync_always repeats the end-to-end run on kernelrl's embedded default.
+records_per_s_nats_sync_always repeats the end-to-end run on kernelrl's embedded default, and
+records_per_s_cluster_r3 on a three-node cluster (loopback) with every stream replicated three times
+(ratio_cluster_r3_vs_single_node: the price of replication, same records, same run).
 Targets: >= 20,000 records/s end to end, ratio >= 1.5, p99 <= 50 ms.
 """
 
@@ -35,7 +37,7 @@ from kernelrl.core import subjects as s
 from kernelrl.core.actor import run_main
 from kernelrl.core.bus import Bus, Delivery
 from kernelrl.core.config import BusSettings, LoggerSettings
-from kernelrl.core.nats_server import EmbeddedNatsServer
+from kernelrl.core.nats_server import ClusterSettings, EmbeddedNatsServer, free_port
 
 
 def realistic_turns(run_id: str, n: int) -> list[m.TurnEvent]:
@@ -73,24 +75,24 @@ def write_stage(turns: list[m.TurnEvent], log_dir: Path, run_id: str) -> float:
     return 1e6 * elapsed / len(raws)
 
 
-def start_logger(url: str, run_id: str, log_dir: Path) -> subprocess.Popen[bytes]:
+def start_logger(url: str, run_id: str, log_dir: Path, replicas: int = 1) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kernelrl.bin.cli",
-            "logger",
-            "--nats",
-            url,
-            "--run",
-            run_id,
-            "--log-dir",
-            str(log_dir),
-            "--log-level",
-            "WARNING",
-        ],
+        [sys.executable, "-m", "kernelrl.bin.cli", "logger", "--nats", url, "--run", run_id, "--log-dir", str(log_dir),
+         "--log-level", "WARNING", "--replicas", str(replicas)],
         stdout=subprocess.DEVNULL,
-    )
+    )  # fmt: skip
+
+
+async def three_node_cluster(root: Path) -> list[EmbeddedNatsServer]:
+    """Three JetStream nodes on loopback, routed to each other (each fsyncs every write, as a single node does)."""
+    client_ports, route_ports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    nodes = []
+    for i in range(3):
+        routes = [f"nats-route://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i]
+        cluster = ClusterSettings(name="bench", listen=f"127.0.0.1:{route_ports[i]}", routes=routes)
+        nodes.append(EmbeddedNatsServer(root / f"n{i}", port=client_ports[i], server_name=f"n{i}", cluster=cluster))
+    await asyncio.gather(*(node.start(timeout_s=60) for node in nodes))
+    return nodes
 
 
 async def wait_all_acked(bus: Bus, n: int, timeout_s: float = 300) -> None:
@@ -106,11 +108,11 @@ async def wait_all_acked(bus: Bus, n: int, timeout_s: float = 300) -> None:
     raise TimeoutError("logger did not finish")
 
 
-async def end_to_end(url: str, turns: list[m.TurnEvent], log_dir: Path) -> float:
+async def end_to_end(url: str, turns: list[m.TurnEvent], log_dir: Path, replicas: int = 1) -> float:
     run_id = "e2e"
-    bus = await Bus.connect(BusSettings(url=url, run=run_id), name="bench")
+    bus = await Bus.connect(BusSettings(url=url, run=run_id, replicas=replicas), name="bench")
     await bus.provision()
-    logger = start_logger(url, run_id, log_dir)
+    logger = start_logger(url, run_id, log_dir, replicas)
     await asyncio.sleep(1.5)  # logger up and its consumer created
     start = time.perf_counter()
     await bus.publish_many(((bus.subjects.event_turn, t) for t in turns), window=512)
@@ -192,12 +194,20 @@ async def main() -> int:
         # ... and kernelrl's embedded default, which fsyncs every JetStream write before acking it
         async with EmbeddedNatsServer(root / "nats-always", sync_interval="always") as server:
             always_rate = await end_to_end(server.url, turns[: n // 4], root / "e2e-always")
+        # ... and a three-node cluster with every stream replicated three times, the same records
+        nodes = await three_node_cluster(root / "cluster")
+        try:
+            cluster_rate = await end_to_end(",".join(node.url for node in nodes), turns[: n // 4], root / "e2e-r3", replicas=3)
+        finally:
+            for node in nodes:
+                await node.stop()
     p50 = latencies[len(latencies) // 2]
     p99 = latencies[int(0.99 * (len(latencies) - 1))]
     print(
         f"records={n} avg_record_bytes={avg_bytes:.0f}\n"
         f"end-to-end (publish -> fsynced+acked): {e2e_rate:,.0f} records/s\n"
         f"end-to-end with nats sync_interval=always: {always_rate:,.0f} records/s\n"
+        f"end-to-end on a 3-node cluster, replicas 3 (sync always): {cluster_rate:,.0f} records/s\n"
         f"write stage: {write_us:.1f} us/record\n"
         f"steady 1000/s publish->disk: p50 {p50:.1f} ms  p99 {p99:.1f} ms\n"
         f"seed json.dump(indent=2) per file: {seed_rate:,.0f} records/s\n",
@@ -211,6 +221,8 @@ async def main() -> int:
                 "avg_record_bytes": round(avg_bytes),
                 "records_per_s": round(e2e_rate),
                 "records_per_s_nats_sync_always": round(always_rate),
+                "records_per_s_cluster_r3": round(cluster_rate),
+                "ratio_cluster_r3_vs_single_node": round(cluster_rate / always_rate, 2),
                 "write_stage_us_per_record": round(write_us, 2),
                 "p50_publish_to_disk_ms": round(p50, 2),
                 "p99_publish_to_disk_ms": round(p99, 2),

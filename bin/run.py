@@ -36,6 +36,11 @@ log = logging.getLogger("kernelrl.run")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_bus_arguments(parser, resolve=False)  # no --nats: start a broker; no --run: a new run
+    parser.add_argument(
+        "--nats-listen",
+        default="127.0.0.1",
+        help="interface the embedded broker listens on (default %(default)s; 0.0.0.0 lets other hosts join)",
+    )
     parser.add_argument("--runs-root", default=str(RUNS_ROOT), help="where run directories go (default %(default)s)")
     parser.add_argument(
         "--roles",
@@ -122,7 +127,7 @@ async def amain(args: argparse.Namespace) -> int:
         server: EmbeddedNatsServer | None = None
         if args.nats is None:
             port = NATS_PORT if port_is_free(NATS_PORT) else None
-            server = EmbeddedNatsServer(run_dir / "nats", port=port, sync_interval=args.nats_sync)
+            server = EmbeddedNatsServer(run_dir / "nats", port=port, sync_interval=args.nats_sync, host=args.nats_listen)
             await stack.enter_async_context(server)
             args.nats = server.url
             log.info("embedded NATS server at %s (store %s)", server.url, server.store_dir)
