@@ -2,7 +2,8 @@
 
 Subscribes: ``krl.<run>.eval.request`` through the shared durable consumer ``evaluators``; the
 max-deliveries advisory of that consumer (queue group, so one evaluator answers it).
-Publishes: ``EvalResult`` to the request's ``reply_to`` (core NATS), then acks the request.
+Publishes: ``EvalResult`` to the request's ``reply_to`` — through the run's results stream when it is
+``krl.<run>.eval.result.<requester>`` (core NATS otherwise) — then acks the request.
 Invariant: a job is acked only after its result is published; a long job is kept alive with
 in-progress; on stop an unfinished job is released (nak) for another evaluator; a job that exhausts
 its deliveries is answered with ``error_kind="evaluator_lost"`` so no requester waits forever. A bad
@@ -110,7 +111,7 @@ class EvaluatorActor:
             stop_wait.cancel()
             self.state = "idle"
         result = msgspec.structs.replace(job.result(), evaluator_id=self.actor_id)
-        await self.bus.publish_core(request.reply_to, result)
+        await self.bus.reply(request.reply_to, result)
         await delivery.ack()
         self.counters["jobs"] += 1
         self.counters["correct" if result.correctness else f"error_{result.error_kind}"] += 1
@@ -138,7 +139,7 @@ class EvaluatorActor:
             evaluator_id=self.actor_id,
         )
         with contextlib.suppress(nats.errors.Error):
-            await self.bus.publish_core(fields["reply_to"], result)
+            await self.bus.reply(fields["reply_to"], result)
 
     def _with_problem_source(self, request: m.EvalRequest) -> m.EvalRequest:
         if request.problem_source or self.problems is None:
@@ -168,7 +169,7 @@ class EvaluatorActor:
             error_message=f"no evaluator finished this job in {deliveries} deliveries (killed or restarted mid-job)",
             evaluator_id=self.actor_id,
         )
-        await self.bus.publish_core(request.reply_to, result)
+        await self.bus.reply(request.reply_to, result)
         with contextlib.suppress(nats.js.errors.Error):
             await self.bus.js.delete_msg(self.bus.subjects.eval_stream, seq)
         self.counters["evaluator_lost"] += 1

@@ -274,6 +274,15 @@ class Bus:
         )
         await self._ensure_stream(
             api.StreamConfig(
+                name=st.results_stream,
+                subjects=[st.eval_results],
+                retention=api.RetentionPolicy.LIMITS,
+                max_age=cfg.results_max_age_s,
+                **common,
+            )
+        )
+        await self._ensure_stream(
+            api.StreamConfig(
                 name=st.batch_stream,
                 subjects=[st.batch],
                 retention=api.RetentionPolicy.WORK_QUEUE,
@@ -427,6 +436,14 @@ class Bus:
                 fut.cancel()
             acks.append(await self.publish(subject, msg))
         return acks
+
+    async def reply(self, subject: str, result: m.EvalResult) -> None:
+        """An eval result to its requester: through the results stream when the subject is this run's (stored,
+        deduplicated by ``eval_id``, there for a requester that was reconnecting), else on core NATS."""
+        if self.subjects.is_eval_result(subject):
+            await self.publish(subject, result)
+        else:
+            await self.publish_core(subject, result)
 
     async def publish_core(self, subject: str, msg: m.Message) -> None:
         """Publish on core NATS (no storage): replies and other at-most-once traffic."""

@@ -29,6 +29,8 @@ class BusSettings(msgspec.Struct, kw_only=True, frozen=True):
     event_max_age_s: float = 0.0
     event_max_bytes: int = -1
     max_msg_size: int = 8 * 1024 * 1024
+    # Eval results wait this long in their stream for a requester that was away (reconnecting, restarting).
+    results_max_age_s: float = 3600.0
     heartbeat_ttl_s: float = 15.0
     storage_in_memory: bool = False
 

@@ -53,6 +53,13 @@ class RunSubjects(msgspec.Struct, frozen=True):
         return f"krl.{self.run}.eval.result.{generator_id}"
 
     @property
+    def eval_results(self) -> str:
+        return f"krl.{self.run}.eval.result.>"
+
+    def is_eval_result(self, subject: str) -> bool:
+        return subject.startswith(f"krl.{self.run}.eval.result.")
+
+    @property
     def event_turn(self) -> str:
         return f"krl.{self.run}.event.turn"
 
@@ -92,6 +99,10 @@ class RunSubjects(msgspec.Struct, frozen=True):
     @property
     def batch_stream(self) -> str:
         return f"KRL_{self.run}_BATCH"
+
+    @property
+    def results_stream(self) -> str:
+        return f"KRL_{self.run}_RESULTS"
 
     # KV buckets
     @property
