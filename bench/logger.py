@@ -37,7 +37,7 @@ from kernelrl.core import subjects as s
 from kernelrl.core.actor import run_main
 from kernelrl.core.bus import Bus, Delivery
 from kernelrl.core.config import BusSettings, LoggerSettings
-from kernelrl.core.nats_server import ClusterSettings, EmbeddedNatsServer, free_port
+from kernelrl.core.nats_server import EmbeddedNatsServer, local_cluster
 
 
 def realistic_turns(run_id: str, n: int) -> list[m.TurnEvent]:
@@ -81,18 +81,6 @@ def start_logger(url: str, run_id: str, log_dir: Path, replicas: int = 1) -> sub
          "--log-level", "WARNING", "--replicas", str(replicas)],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
-
-
-async def three_node_cluster(root: Path) -> list[EmbeddedNatsServer]:
-    """Three JetStream nodes on loopback, routed to each other (each fsyncs every write, as a single node does)."""
-    client_ports, route_ports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
-    nodes = []
-    for i in range(3):
-        routes = [f"nats-route://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i]
-        cluster = ClusterSettings(name="bench", listen=f"127.0.0.1:{route_ports[i]}", routes=routes)
-        nodes.append(EmbeddedNatsServer(root / f"n{i}", port=client_ports[i], server_name=f"n{i}", cluster=cluster))
-    await asyncio.gather(*(node.start(timeout_s=60) for node in nodes))
-    return nodes
 
 
 async def wait_all_acked(bus: Bus, n: int, timeout_s: float = 300) -> None:
@@ -195,7 +183,7 @@ async def main() -> int:
         async with EmbeddedNatsServer(root / "nats-always", sync_interval="always") as server:
             always_rate = await end_to_end(server.url, turns[: n // 4], root / "e2e-always")
         # ... and a three-node cluster with every stream replicated three times, the same records
-        nodes = await three_node_cluster(root / "cluster")
+        nodes = await local_cluster(root / "cluster", 3, "bench")
         try:
             cluster_rate = await end_to_end(",".join(node.url for node in nodes), turns[: n // 4], root / "e2e-r3", replicas=3)
         finally:

@@ -15,7 +15,7 @@ import orjson
 from kernelrl.core import messages as m
 from kernelrl.core.bus import Bus
 from kernelrl.core.config import BusSettings
-from kernelrl.core.nats_server import ClusterSettings, EmbeddedNatsServer, free_port
+from kernelrl.core.nats_server import free_port, local_cluster
 from kernelrl.core.problems import builtin_problems
 from kernelrl.core.run_dirs import latest_run
 
@@ -119,21 +119,10 @@ async def test_kernelrl_server_runs_only_the_broker_and_stops_on_ctrl_c(tmp_path
     assert f"NATS at nats://127.0.0.1:{port}" in out
 
 
-async def three_node_cluster(tmp_path: Path) -> list[EmbeddedNatsServer]:
-    client_ports, route_ports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
-    nodes = []
-    for i in range(3):
-        routes = [f"nats-route://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i]
-        cluster = ClusterSettings(name="krl-test", listen=f"127.0.0.1:{route_ports[i]}", routes=routes)
-        nodes.append(EmbeddedNatsServer(tmp_path / f"n{i}", port=client_ports[i], server_name=f"n{i}", cluster=cluster))
-    await asyncio.gather(*(node.start(timeout_s=60) for node in nodes))
-    return nodes
-
-
 async def test_a_three_node_cluster_with_replicas_3_loses_nothing_when_a_node_is_killed(
     tmp_path: Path, spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:
-    nodes = await three_node_cluster(tmp_path)
+    nodes = await local_cluster(tmp_path, 3, "krl-test")
     urls = ",".join(node.url for node in nodes)
     run_id = "cluster"
     try:
