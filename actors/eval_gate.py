@@ -199,14 +199,7 @@ def name_allowed(full: str) -> bool:
 def is_module_name(full: str) -> bool:
     """Whether an allowed dotted name is a module (torch.cuda, torch.nn.init, tl.extra …): modules hold other
     modules (torch.cuda.os, tl.extra.pkgutil), so they may only be reached through, never held as values."""
-    if full in ALLOWED_MODULES or full in TORCH_MODULES or full in ALLOWED_TL_MODULES:
-        return True
-    if full.startswith("triton.language."):
-        obj: object = _triton_language()
-        for name in full.split(".")[2:]:
-            obj = getattr(obj, name, None)
-        return isinstance(obj, types.ModuleType)
-    return False
+    return full in ALLOWED_MODULES or full in TORCH_MODULES or full in ALLOWED_TL_MODULES  # other modules are not allowed
 
 
 def _has_private(full: str) -> bool:

@@ -141,7 +141,7 @@ def judge_job(job: p.WorkerJob, ctx: JudgeContext, job_dir: Path) -> m.EvalResul
     except p.ProtocolViolation as exc:
         return verdict.failed("forbidden", f"the candidate tampered with the evaluation channel: {exc}")
     except TimeoutError:
-        limit = _phase_limit(ctx.limits, ctx.current_phase)
+        limit = ctx.limits.phase_limit(ctx.current_phase)
         return verdict.failed("timeout", f"the {ctx.current_phase} phase exceeded its {limit:.0f}s limit")
     except RunnerGone:
         return _runner_died(ctx, ctx.session, verdict, ctx.current_phase)
@@ -151,12 +151,6 @@ def judge_job(job: p.WorkerJob, ctx: JudgeContext, job_dir: Path) -> m.EvalResul
         if ctx.session is not None:
             ctx.session.close()  # a runner serves one job: whatever it left behind dies with it
         ctx.session = None
-
-
-def _phase_limit(limits: WorkerLimits, phase: str) -> float:
-    return {"load": limits.load_time_s, "correctness": limits.correctness_time_s, "benchmark": limits.benchmark_time_s}.get(
-        phase, limits.load_time_s
-    )
 
 
 def _runner_died(ctx: JudgeContext, session: RunnerSession | None, verdict: Verdict, phase: str) -> m.EvalResult:
@@ -279,22 +273,15 @@ def _judge(job: p.WorkerJob, ctx: JudgeContext, job_dir: Path, verdict: Verdict)
 def _run_reference(ctx: JudgeContext, reference: Any, inputs: list[Any], verdict: Verdict) -> Any:
     import torch
 
-    from kernelrl.actors.eval_pipeline import clone_value
+    from kernelrl.actors.eval_pipeline import clone_value, sync
 
     with torch.no_grad(), blame_reference(ctx):
-        _sync(ctx.device)
+        sync(ctx.device)
         t = time.perf_counter()
         expected = reference(*[clone_value(x) for x in inputs])
-        _sync(ctx.device)
+        sync(ctx.device)
         verdict.ref_times.append(time.perf_counter() - t)
     return expected
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def _raise_if_failed(reply: Any, trial: int | None = None, description: str = "") -> None:

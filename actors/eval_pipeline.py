@@ -182,6 +182,19 @@ def load_module(path: Path, name: str) -> ModuleType:
     return module
 
 
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def poison(out: Any) -> None:
+    """Fill an output's floating tensors with NaN, so a candidate that hands it back later fails."""
+    for o in flatten_outputs(out):
+        if isinstance(o, torch.Tensor) and o.is_floating_point():
+            o.detach().fill_(float("nan"))
+
+
 def clone_value(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
 
@@ -235,9 +248,7 @@ def time_cuda(
         if i in checked_runs:
             checked.append([clone_value(o) for o in out] if isinstance(out, tuple | list) else clone_value(out))
         if poison_outputs:
-            for o in flatten_outputs(out):
-                if isinstance(o, torch.Tensor) and o.is_floating_point():
-                    o.detach().fill_(float("nan"))
+            poison(out)
     return times, checked
 
 

@@ -56,7 +56,7 @@ HOST_ESCAPE_METHODS = (
 )
 _zygote_encoder = msgspec.msgpack.Encoder()
 _zygote_decoder = msgspec.msgpack.Decoder(p.ZygoteFrame)
-RUNNER_TO_JUDGE = p.FrameCodec(p.RunnerToJudge, 1 << 20)  # only for typing symmetry; the judge reads with its own bound
+RUNNER_TO_JUDGE = p.FrameCodec(p.RunnerToJudge, 1 << 20)  # the runner only writes with it; the judge reads with its own bound
 JOB_FRAMES = p.FrameCodec(p.JudgeToRunner, 1 << 34)
 
 
@@ -322,12 +322,6 @@ class Runner:
         self.send(p.RunnerLoaded(job_id=self.job_id, nonce=self.nonce))
         return True
 
-    def _sync(self) -> None:
-        if self.tools.on_gpu:
-            import torch
-
-            torch.cuda.synchronize()
-
     def trial(self, frame: p.RunTrial) -> bool:
         import torch
 
@@ -342,7 +336,7 @@ class Runner:
                 t0 = time.perf_counter()
                 with recorder:
                     out = plain_outputs(self.model(*inputs))
-                self._sync()
+                pipeline.sync(self.torch_device)
                 elapsed = time.perf_counter() - t0
             except Exception as exc:
                 self.fail("correctness", exc)
@@ -363,9 +357,7 @@ class Runner:
                 elapsed_s=elapsed,
             )
         )
-        for o in outputs:  # poison: a candidate that hands back an earlier output gets NaNs
-            if isinstance(o, torch.Tensor) and o.is_floating_point():
-                o.detach().fill_(float("nan"))
+        pipeline.poison(out)
         return True
 
     def benchmark(self, frame: p.RunBenchmark) -> bool:

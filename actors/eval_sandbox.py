@@ -46,6 +46,10 @@ class WorkerLimits(msgspec.Struct, kw_only=True, frozen=True):
     jobs_per_worker: int = 200
     max_output_mb: int = 1024  # the largest frame a runner may send the judge (the outputs of one trial)
 
+    def phase_limit(self, phase: str) -> float:
+        """Seconds the ``load``, ``correctness`` or ``benchmark`` phase may take."""
+        return {"correctness": self.correctness_time_s, "benchmark": self.benchmark_time_s}.get(phase, self.load_time_s)
+
 
 def worker_environment(root: Path, interpret: bool, visible_gpu: str | None = None) -> dict[str, str]:
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}

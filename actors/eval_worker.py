@@ -90,13 +90,6 @@ class EvalWorker:
         assert self._proc is not None and self._proc.stdout is not None
         return p.WORKER_FRAMES.read(self._proc.stdout.fileno(), deadline)
 
-    def _phase_limit(self, phase: str) -> float:
-        return {
-            "load": self.limits.load_time_s,
-            "correctness": self.limits.correctness_time_s,
-            "benchmark": self.limits.benchmark_time_s,
-        }.get(phase, self.limits.load_time_s)
-
     def evaluate(self, request: m.EvalRequest) -> m.EvalResult:
         """The verdict on one candidate. Never raises for anything the candidate does."""
         t0 = time.perf_counter()
@@ -143,20 +136,20 @@ class EvalWorker:
         except BrokenPipeError:
             return self._worker_died("load", "candidate")
         phase, running = "load", "candidate"
-        deadline = time.monotonic() + self._phase_limit(phase) + JUDGE_GRACE_S
+        deadline = time.monotonic() + self.limits.phase_limit(phase) + JUDGE_GRACE_S
         while True:
             try:
                 frame = self._read(deadline)
             except TimeoutError:
                 self._replace()
                 if running == "reference":
-                    limit = self._phase_limit(phase)
+                    limit = self.limits.phase_limit(phase)
                     return m.EvalResult(error_kind="cannot_verify", error_message=f"the reference program did not "
                                         f"finish its {phase} phase within {limit:.0f}s on {self.device}")  # fmt: skip
                 return m.EvalResult(
                     compiled=phase != "load",
                     error_kind="timeout",
-                    error_message=f"the {phase} phase exceeded its {self._phase_limit(phase):.0f}s limit",
+                    error_message=f"the {phase} phase exceeded its {self.limits.phase_limit(phase):.0f}s limit",
                 )
             except p.ProtocolViolation as exc:
                 self._replace()
@@ -171,7 +164,7 @@ class EvalWorker:
                 running = frame.who
             elif isinstance(frame, p.WorkerPhase):
                 phase = frame.name
-                deadline = time.monotonic() + self._phase_limit(phase) + JUDGE_GRACE_S
+                deadline = time.monotonic() + self.limits.phase_limit(phase) + JUDGE_GRACE_S
             elif isinstance(frame, p.WorkerDone):
                 result = frame.result
                 if result.correctness and self.on_gpu and result.baseline_runtime > 0:

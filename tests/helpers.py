@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -39,3 +40,24 @@ def small_turn(run_id: str, i: int) -> m.TurnEvent:
         turn_data=m.TurnData(response=f"response {i}", kernel_code="@triton.jit", reward=0.1 * (i % 4)),
         run_id=run_id,
     )
+
+
+def command_env() -> dict[str, str]:
+    """This environment without the variables that would point a command at another broker or run."""
+    return {k: v for k, v in os.environ.items() if k not in ("KRL_NATS", "KRL_RUN")} | {"PYTHONUNBUFFERED": "1"}
+
+
+def children_of(pid: int, needle: str = "") -> list[int]:
+    """Pids of ``pid``'s children (whose command line contains ``needle``), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and needle.encode() in cmdline:
+            found.append(int(entry.name))
+    return found

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 from collections.abc import Callable
@@ -19,14 +18,13 @@ from kernelrl.core.nats_server import free_port, local_cluster
 from kernelrl.core.problems import builtin_problems
 from kernelrl.core.run_dirs import latest_run
 
-from helpers import count_lines, kernelrl_cmd, small_turn, wait_for
+from helpers import command_env, count_lines, kernelrl_cmd, small_turn, wait_for
 
 RELU = builtin_problems().get("level1/1_ReLU")
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("KRL_NATS", "KRL_RUN")}
-    return subprocess.Popen(kernelrl_cmd(*args), cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+    return subprocess.Popen(kernelrl_cmd(*args), cwd=cwd, env=command_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
@@ -87,8 +85,7 @@ async def test_a_second_run_process_joins_with_only_an_evaluator_and_answers_rea
 
 def test_joining_another_hosts_broker_needs_the_run_id(tmp_path: Path) -> None:
     done = subprocess.run(kernelrl_cmd("run", "--nats", "nats://127.0.0.1:9", "--roles", "evaluator"), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items()
-                                                                           if k not in ("KRL_NATS", "KRL_RUN")})  # fmt: skip
+                          capture_output=True, text=True, timeout=60, env=command_env())
     assert done.returncode == 2 and "--run ID" in done.stderr
 
 

@@ -24,6 +24,8 @@ from kernelrl.actors.eval_worker import EvalWorker
 from kernelrl.core import messages as m
 from kernelrl.core.problems import Problem, builtin_problems
 
+from helpers import children_of
+
 CANDIDATES = Path(__file__).parent / "candidates"
 TEST_LIMITS = WorkerLimits(
     address_space_gb=6.0, file_size_mb=128, load_time_s=60.0, correctness_time_s=20.0, cpu_seconds_per_job=60
@@ -544,19 +546,6 @@ SLOW_HONEST_RELU = HONEST_RELU.replace(
     "        relu_kernel[grid](x, out, n_elements, BLOCK_SIZE=1024)\n",
     "        for _ in range(40):\n            relu_kernel[grid](x, out, n_elements, BLOCK_SIZE=1024)\n",
 )
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def test_a_zygote_that_dies_mid_job_ends_that_job_and_the_judge_carries_on(fresh_ungated: EvalWorker) -> None:

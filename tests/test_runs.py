@@ -15,33 +15,16 @@ from kernelrl.core.bus import Bus
 from kernelrl.core.config import BusSettings
 from kernelrl.core.run_dirs import latest_run
 
-from helpers import count_lines, kernelrl_cmd, small_turn, wait_for
+from helpers import children_of, command_env, count_lines, kernelrl_cmd, small_turn, wait_for
 
 
 def start_run(cwd: Path, *args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("KRL_NATS", "KRL_RUN")}
-    return subprocess.Popen(kernelrl_cmd("run", *args), cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(kernelrl_cmd("run", *args), cwd=cwd, env=command_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
 def command(cwd: Path, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("KRL_NATS", "KRL_RUN")}
-    return subprocess.run(kernelrl_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
-
-
-def children_named(pid: int, needle: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and needle.encode() in cmdline:
-            found.append(int(entry.name))
-    return found
+    return subprocess.run(kernelrl_cmd(*args), cwd=cwd, env=command_env(), capture_output=True, text=True, timeout=timeout_s)
 
 
 def stop(run: subprocess.Popen[str], timeout_s: float = 90) -> tuple[int, str]:
@@ -98,7 +81,7 @@ async def test_a_killed_broker_is_restarted_nothing_acknowledged_is_lost_and_the
         bus = await Bus.connect(BusSettings(url=url, run=run_dir.run_id, publish_deadline_s=60), name="test")
         try:
             await bus.publish_many([(bus.subjects.event_turn, small_turn(run_dir.run_id, i)) for i in range(200)])
-            (server,) = children_named(run.pid, "nats-server")
+            (server,) = children_of(run.pid, "nats-server")
             os.kill(server, signal.SIGKILL)
             for i in range(200, 400):  # each publish is retried until the restarted server acknowledges it
                 await bus.publish(bus.subjects.event_turn, small_turn(run_dir.run_id, i))
@@ -108,7 +91,7 @@ async def test_a_killed_broker_is_restarted_nothing_acknowledged_is_lost_and_the
         await wait_for(lambda: count_lines(turns) >= 400, 120, "all 400 turns on disk")
         ids = [orjson.loads(line)["event_id"] for line in turns.read_bytes().splitlines()]
         assert len(ids) == len(set(ids)) == 400
-        assert children_named(run.pid, "nats-server") != [server]  # a new server process
+        assert children_of(run.pid, "nats-server") != [server]  # a new server process
     finally:
         code, out = await asyncio.to_thread(stop, run)
     assert code == 0, out
@@ -123,9 +106,9 @@ async def test_a_broker_that_cannot_come_back_stops_the_run_with_a_summary_and_e
         run_dir = latest_run(tmp_path / "runs")
         assert run_dir is not None
         port = int(run_dir.url_file.read_text().strip().rsplit(":", 1)[1])
-        (server,) = children_named(run.pid, "nats-server")
+        (server,) = children_of(run.pid, "nats-server")
         os.kill(server, signal.SIGKILL)
-        await wait_for(lambda: not Path(f"/proc/{server}/cmdline").exists() or not children_named(run.pid, "nats-server"),
+        await wait_for(lambda: not Path(f"/proc/{server}/cmdline").exists() or not children_of(run.pid, "nats-server"),
                        10, "the server to die")  # fmt: skip
         holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # something else now holds the port
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
