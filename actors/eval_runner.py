@@ -40,6 +40,8 @@ from kernelrl.actors.eval_sandbox import (
     isolate_network,
 )
 
+# torch, Triton and the modules that import them are imported inside functions: the zygote confines itself
+# (rlimits, a new network or user namespace, which needs a single thread) before anything starts threads.
 HOST_ESCAPE_METHODS = (
     "apply_",
     "map_",

@@ -116,7 +116,7 @@ class EvalWorker:
 
     def _run_in_worker(self, request: m.EvalRequest) -> m.EvalResult:
         if self._jobs_on_this_worker >= self.limits.jobs_per_worker:
-            self.stop()  # a fresh worker sheds Triton's per-kernel caches
+            self.stop()  # a fresh judge sheds the reference modules and baselines it has loaded
         ready = self.start()
         self._jobs_on_this_worker += 1
         # the reference's own source (requests may carry it) and its size scale decide what the baseline timed
