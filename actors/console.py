@@ -110,6 +110,13 @@ def format_step_summary(ev: m.StepSummary, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
+def format_parked(ev: m.WorkParked) -> str:
+    return (
+        f"⚠ Parked {ev.message_type} {ev.message_id} from {ev.consumer} after {ev.deliveries} deliveries "
+        f"(kept on {ev.parked_subject})"
+    )
+
+
 def format_eval_summary(ev: m.EvalSummary, saved_to: str) -> str:
     n = ev.total_samples or 1
     lines = [
@@ -156,6 +163,8 @@ def summary_line(subject: str, msg: m.Message) -> str:
             body = f"v{msg.version} {msg.path}"
         case m.Heartbeat():
             body = f"{msg.role} {msg.actor_id} {msg.state}"
+        case m.WorkParked():
+            body = f"{msg.message_type} {msg.message_id} from {msg.consumer} after {msg.deliveries} deliveries"
         case _:
             body = ""
     return f"{subject} {name} {body}"

@@ -42,9 +42,10 @@ from kernelrl.actors.eval_checks import (
     tolerance_for,
     trial_inputs,
 )
-from kernelrl.actors.eval_sandbox import WorkerLimits, apply_limits, die_with_parent, isolate_network
+from kernelrl.actors.eval_sandbox import apply_limits, die_with_parent, isolate_network
 from kernelrl.actors.eval_zygote import SIGNAL_KINDS, RunnerGone, RunnerSession, Zygote, candidate_frames
 from kernelrl.core import messages as m
+from kernelrl.core.config import WorkerLimits
 
 RUNNER_FAILURE_KINDS = frozenset(
     {"syntax", "import", "compile", "runtime", "forbidden", "resource", "out_of_memory", "cuda_fault", "shape", "timeout"}

@@ -32,13 +32,13 @@ from kernelrl.actors import eval_protocol as p
 from kernelrl.actors.eval_sandbox import (
     Sandbox,
     SandboxViolation,
-    WorkerLimits,
     allow_cpu_seconds,
     apply_limits,
     confine_to_job,
     die_with_parent,
     isolate_network,
 )
+from kernelrl.core.config import WorkerLimits
 
 # torch, Triton and the modules that import them are imported inside functions: the zygote confines itself
 # (rlimits, a new network or user namespace, which needs a single thread) before anything starts threads.

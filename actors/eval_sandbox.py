@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
+from kernelrl.core.config import WorkerLimits
 
 # Environment variables a worker may inherit; everything else (tokens, keys, credentials) is dropped.
 PASSED_ENV = (
@@ -33,22 +33,6 @@ _CLONE_NEWPID = 0x20000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
 _KEPT_MOUNT_FLAGS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC}
-
-
-class WorkerLimits(msgspec.Struct, kw_only=True, frozen=True):
-    address_space_gb: float = 24.0
-    open_files: int = 512
-    file_size_mb: int = 512
-    cpu_seconds_per_job: int = 900
-    load_time_s: float = 120.0
-    correctness_time_s: float = 300.0
-    benchmark_time_s: float = 300.0
-    jobs_per_worker: int = 200
-    max_output_mb: int = 1024  # the largest frame a runner may send the judge (the outputs of one trial)
-
-    def phase_limit(self, phase: str) -> float:
-        """Seconds the ``load``, ``correctness`` or ``benchmark`` phase may take."""
-        return {"correctness": self.correctness_time_s, "benchmark": self.benchmark_time_s}.get(phase, self.load_time_s)
 
 
 def worker_environment(root: Path, interpret: bool, visible_gpu: str | None = None) -> dict[str, str]:

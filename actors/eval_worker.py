@@ -24,9 +24,10 @@ import msgspec
 
 from kernelrl.actors import eval_protocol as p
 from kernelrl.actors.eval_gate import static_gate
-from kernelrl.actors.eval_sandbox import WorkerLimits, worker_environment
+from kernelrl.actors.eval_sandbox import worker_environment
 from kernelrl.actors.eval_zygote import SIGNAL_KINDS, candidate_frames
 from kernelrl.core import messages as m
+from kernelrl.core.config import WorkerLimits
 
 MAX_SOURCE_BYTES = 256 * 1024
 JUDGE_GRACE_S = 30.0  # the judge enforces each phase's limit on the runner; this backstop is for the judge itself

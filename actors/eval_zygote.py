@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from kernelrl.actors import eval_protocol as p
-from kernelrl.actors.eval_sandbox import WorkerLimits
+from kernelrl.core.config import WorkerLimits
 
 SIGNAL_KINDS = {
     signal.SIGXCPU: ("timeout", "ran out of CPU time"),

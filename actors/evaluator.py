@@ -1,12 +1,12 @@
 """Evaluator actor: one GPU (or the CPU interpreter), one job at a time, an isolated worker per actor.
 
-Subscribes: ``krl.<run>.eval.request`` through the shared durable consumer ``evaluators``; the
-max-deliveries advisory of that consumer (queue group, so one evaluator answers it).
+Subscribes: ``krl.<run>.eval.request`` through the shared durable consumer ``evaluators``, with the shared
+work loop (``core.work_loop``), which also handles that consumer's max-deliveries advisory.
 Publishes: ``EvalResult`` to the request's ``reply_to`` — through the run's results stream when it is
 ``krl.<run>.eval.result.<requester>`` (core NATS otherwise) — then acks the request.
 Invariant: a job is acked only after its result is published; a long job is kept alive with
 in-progress; on stop an unfinished job is released (nak) for another evaluator; a job that exhausts
-its deliveries is answered with ``error_kind="evaluator_lost"`` so no requester waits forever. A bad
+its deliveries is answered with ``error_kind="evaluator_lost"`` so no requester waits forever, and parked. A bad
 request (undecodable, missing fields, a ``reply_to`` that cannot be published to, an oversized source)
 never stops the evaluator: it is answered with ``bad_request`` where a reply subject can be read from
 it, else terminated, and counted either way.
@@ -25,97 +25,76 @@ import nats.js.errors
 import orjson
 from nats.aio.msg import Msg
 
-from kernelrl.actors.eval_sandbox import WorkerLimits
 from kernelrl.actors.eval_worker import EvalWorker
 from kernelrl.core import messages as m
 from kernelrl.core import subjects as s
 from kernelrl.core.actor import default_actor_id
-from kernelrl.core.bus import Bus, Delivery
+from kernelrl.core.bus import Bus
+from kernelrl.core.config import Config, EvaluatorSettings
+from kernelrl.core.consumers import consumer_for
 from kernelrl.core.problems import ProblemSet
+from kernelrl.core.work_loop import Outcome, Reject, WorkLoop
 
 log = logging.getLogger(__name__)
-
-
-class EvaluatorSettings(msgspec.Struct, kw_only=True, frozen=True):
-    device: str = "cpu"
-    limits: WorkerLimits = msgspec.field(default_factory=WorkerLimits)
-    in_progress_interval_s: float = 20.0
-    fetch_timeout_s: float = 1.0
 
 
 class EvaluatorActor:
     role = "evaluator"
 
-    def __init__(self, bus: Bus, settings: EvaluatorSettings, problems: ProblemSet | None = None,
+    def __init__(self, bus: Bus, settings: EvaluatorSettings, device: str = "cpu", problems: ProblemSet | None = None,
                  actor_id: str | None = None) -> None:  # fmt: skip
         self.bus = bus
         self.settings = settings
         self.problems = problems
         self.actor_id = actor_id or default_actor_id(self.role)
-        self.worker = EvalWorker(settings.device, settings.limits)
-        self.device = settings.device
+        self.worker = EvalWorker(device, settings.limits)
+        self.device = device
         self.state = "starting"
         self.counters: Counter[str] = Counter()
+        self.loop: WorkLoop[m.EvalRequest] = WorkLoop(
+            bus,
+            consumer_for(Config(bus=bus.settings, evaluator=settings), self.role),
+            settings.work,
+            self,
+            self._evaluate,
+            busy_state="evaluating",
+            interrupt=self._interrupt,
+            on_undecodable=self._answer_undecodable,
+            on_exhausted=self._answer_lost,
+        )
+
+    def gauges(self) -> dict[str, float]:
+        return self.loop.gauges()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        st = self.bus.subjects
-        # listen for lost jobs before the (slow) worker start-up, so no advisory passes unheard
-        advisory = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{st.eval_stream}.{s.EVALUATORS_CONSUMER}"
-        lost_sub = await self.bus.nc.subscribe(advisory, queue="evaluators-lost", cb=self._on_max_deliveries)
-        ready = await asyncio.to_thread(self.worker.start)
-        self.device = f"{self.settings.device} ({ready.device_name})"
-        log.info("evaluator %s: worker ready on %s; network isolation: %s; runners: %s", self.actor_id, ready.device_name,
-                 ready.network, ready.confinement)  # fmt: skip
-        consumer = await self.bus.pull(st.eval_stream, s.EVALUATORS_CONSUMER)
-        consumer.on_undecodable = self._answer_undecodable
-        self.state = "idle"
+        # the loop listens for lost jobs before the (slow) worker start-up, so no advisory passes unheard
         try:
-            while not stopping.is_set():
-                for delivery in await consumer.fetch(1, self.settings.fetch_timeout_s):
-                    await self._handle(delivery, stopping)
+            await self.loop.run(stopping, ready=self._start_worker)
         finally:
             self.state = "stopping"
-            with contextlib.suppress(nats.errors.Error):
-                await lost_sub.unsubscribe()
-            await consumer.close()
             await asyncio.to_thread(self.worker.stop)
 
-    async def _handle(self, delivery: Delivery[m.EvalRequest], stopping: asyncio.Event) -> None:
-        request = delivery.msg
+    async def _start_worker(self) -> None:
+        ready = await asyncio.to_thread(self.worker.start)
+        self.device = f"{self.device} ({ready.device_name})"
+        log.info("evaluator %s: worker ready on %s; network isolation: %s; runners: %s", self.actor_id, ready.device_name,
+                 ready.network, ready.confinement)  # fmt: skip
+
+    async def _interrupt(self) -> None:
+        """Shutdown mid-job: killing the worker unblocks the evaluation thread; the job goes to another evaluator."""
+        await asyncio.to_thread(self.worker.stop)
+
+    async def _evaluate(self, request: m.EvalRequest) -> Outcome:
         if not s.publishable_subject(request.reply_to):
-            log.error("eval request %s has reply_to %r, which cannot be published to; terminated", request.eval_id,
-                      request.reply_to)  # fmt: skip
             self.counters["bad_request"] += 1
-            await delivery.term()
-            return
-        self.state = "evaluating"
+            raise Reject(f"eval request {request.eval_id} has reply_to {request.reply_to!r}, which cannot be published to")
         request = self._with_problem_source(request)
-        job = asyncio.ensure_future(asyncio.to_thread(self.worker.evaluate, request))
-        stop_wait = asyncio.ensure_future(stopping.wait())
-        try:
-            while not job.done():
-                await asyncio.wait({job, stop_wait}, timeout=self.settings.in_progress_interval_s,
-                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-                if job.done():
-                    break
-                if stopping.is_set():
-                    # release the job for another evaluator; killing the worker unblocks the thread
-                    await asyncio.to_thread(self.worker.stop)
-                    with contextlib.suppress(BaseException):
-                        await job
-                    await delivery.nak()
-                    self.counters["released"] += 1
-                    return
-                await delivery.in_progress()
-        finally:
-            stop_wait.cancel()
-            self.state = "idle"
-        result = msgspec.structs.replace(job.result(), evaluator_id=self.actor_id)
-        await self.bus.reply(request.reply_to, result)
-        await delivery.ack()
+        result = await asyncio.to_thread(self.worker.evaluate, request)
+        result = msgspec.structs.replace(result, evaluator_id=self.actor_id)
         self.counters["jobs"] += 1
         self.counters["correct" if result.correctness else f"error_{result.error_kind}"] += 1
         self.counters["worker_restarts"] = self.worker.restarts
+        return [(request.reply_to, result)]
 
     async def _answer_undecodable(self, raw: Msg, reason: str) -> None:
         """Answer a request that does not decode, if a reply subject can be read from it (it is terminated after)."""
@@ -139,7 +118,7 @@ class EvaluatorActor:
             evaluator_id=self.actor_id,
         )
         with contextlib.suppress(nats.errors.Error):
-            await self.bus.reply(fields["reply_to"], result)
+            await self.bus.publish_outcome(fields["reply_to"], result)
 
     def _with_problem_source(self, request: m.EvalRequest) -> m.EvalRequest:
         if request.problem_source or self.problems is None:
@@ -150,18 +129,12 @@ class EvaluatorActor:
             return request
         return msgspec.structs.replace(request, problem_source=problem.source)
 
-    async def _on_max_deliveries(self, advisory: Msg) -> None:
-        """A job every delivery of which was lost: answer it as ``evaluator_lost`` and drop it."""
-        try:
-            info = orjson.loads(advisory.data)
-            seq, deliveries = int(info["stream_seq"]), int(info.get("deliveries", 0))
-            stored = await self.bus.js.get_msg(self.bus.subjects.eval_stream, seq)
-            request = m.codec_for(m.EvalRequest).decode(stored.data or b"")
-        except (orjson.JSONDecodeError, KeyError, ValueError, nats.js.errors.Error) as exc:
-            log.error("max-deliveries advisory not handled: %s", exc)
-            return
+    async def _answer_lost(self, request: m.EvalRequest, deliveries: int) -> Outcome:
+        """A job every delivery of which was lost (evaluators killed mid-job): answered as ``evaluator_lost``, so no
+        requester waits forever; the work loop parks the request."""
+        self.counters["evaluator_lost"] += 1
         if not s.publishable_subject(request.reply_to):
-            return
+            return []
         result = m.EvalResult(
             eval_id=request.eval_id,
             problem_id=request.problem_id,
@@ -169,8 +142,4 @@ class EvaluatorActor:
             error_message=f"no evaluator finished this job in {deliveries} deliveries (killed or restarted mid-job)",
             evaluator_id=self.actor_id,
         )
-        await self.bus.reply(request.reply_to, result)
-        with contextlib.suppress(nats.js.errors.Error):
-            await self.bus.js.delete_msg(self.bus.subjects.eval_stream, seq)
-        self.counters["evaluator_lost"] += 1
-        log.warning("job %s (%s) answered as evaluator_lost after %d deliveries", request.eval_id, request.problem_id, deliveries)
+        return [(request.reply_to, result)]

@@ -1,7 +1,8 @@
 """Logger actor: every event of the run, written once to append-only JSONL, summarised on the console.
 
 Subscribes: ``krl.<run>.event.>`` through its own durable consumer (explicit acks).
-Writes: ``turns.jsonl``, ``trajectories.jsonl``, ``steps.jsonl``, ``eval_logs/eval_step_XXXX.json``.
+Writes: ``turns.jsonl``, ``trajectories.jsonl``, ``steps.jsonl``, ``parked.jsonl`` (work that exhausted its
+deliveries), ``eval_logs/eval_step_XXXX.json``.
 Invariant: an event is acked only after it is written and fsynced. Acks are per message, never
 ack-all: a restarted logger must not settle what a killed one fetched but never wrote.
 
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import TextIO
 
 import orjson
-from nats.js import api
 
 from kernelrl.actors import console
 from kernelrl.actors.run_log import (
@@ -49,7 +49,8 @@ from kernelrl.core import messages as m
 from kernelrl.core import subjects as s
 from kernelrl.core.actor import default_actor_id
 from kernelrl.core.bus import Bus, Delivery
-from kernelrl.core.config import LoggerSettings
+from kernelrl.core.config import Config, LoggerSettings
+from kernelrl.core.consumers import consumer_for
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ FILE_FOR_TYPE: dict[type[m.Message], str] = {
     m.TurnEvent: "turns.jsonl",
     m.TrajectoryEvent: "trajectories.jsonl",
     m.StepSummary: "steps.jsonl",
+    m.WorkParked: "parked.jsonl",
 }
 
 # After a failed fsync, how long the logger spends handing its un-acked events back before it exits.
@@ -179,20 +181,15 @@ class LoggerActor:
         self.state = "starting"
         self.counters: Counter[str] = Counter()
         self._files = files
+        self._last_fsync_s = 0.0
+        self._unacked = 0
+
+    def gauges(self) -> dict[str, float]:
+        return {"last_fsync_ms": round(self._last_fsync_s * 1000, 3), "unacked": float(self._unacked)}
 
     async def ensure_consumer(self) -> None:
-        cfg = self.settings
-        await self.bus.ensure_consumer(
-            self.bus.subjects.event_stream,
-            api.ConsumerConfig(
-                durable_name=s.LOGGER_CONSUMER,
-                deliver_policy=api.DeliverPolicy.ALL,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                ack_wait=cfg.ack_wait_s,
-                max_ack_pending=cfg.max_ack_pending,
-                filter_subject=self.bus.subjects.events,
-            ),
-        )
+        spec = consumer_for(Config(bus=self.bus.settings, logger=self.settings), self.role)
+        await self.bus.ensure_consumer(spec.stream, spec.consumer_config())
 
     async def run(self, stopping: asyncio.Event) -> None:
         files = self._files or RunLogFiles(Path(self.settings.log_dir), self.settings)
@@ -209,10 +206,12 @@ class LoggerActor:
                 batch = await consumer.fetch(self.settings.fetch_batch, self.settings.fetch_timeout_s)
                 written = self._write_batch(files, batch)
                 unacked += batch[:written]
+                self._unacked = len(unacked)
                 failed = written < len(batch)
                 caught_up = len(batch) < self.settings.fetch_batch
                 if unacked and (failed or caught_up or time.monotonic() - last_sync >= self.settings.fsync_interval_s):
                     to_ack, unacked = unacked, []
+                    self._unacked = 0
                     await self._sync_and_ack(files, to_ack, also_nak=batch[written:])
                     last_sync = time.monotonic()
                 self.out.flush()
@@ -262,13 +261,15 @@ class LoggerActor:
         """Fsync, then ack ``deliveries``. If the fsync fails, nothing is acked: the files are cut back to
         their last synced sizes, ``deliveries`` and ``also_nak`` are nak'd for prompt redelivery, and the
         ``LogSyncError`` propagates (the process must exit: see the module docstring)."""
+        started = time.monotonic()
         try:
-            files.fsync()
+            await asyncio.to_thread(files.fsync)  # off the loop: a slow disk must not stop the heartbeat
         except LogSyncError as exc:
             self.counters["fsync_errors"] += 1
             exc.cut_back = files.cut_back_to_synced()
             await self._nak_quietly([*deliveries, *also_nak])
             raise
+        self._last_fsync_s = time.monotonic() - started
         for d in deliveries:
             await d.ack()
 
@@ -294,6 +295,8 @@ class LoggerActor:
                 text = console.format_step_summary(msg, self.verbose)
             case m.EvalSummary():
                 text = console.format_eval_summary(msg, str(files.eval_path(msg)))
+            case m.WorkParked():
+                text = console.format_parked(msg)
             case _:
                 return
         self.out.write(text + "\n")

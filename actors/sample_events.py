@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from kernelrl.core import messages as m
 from kernelrl.core import reward
+from kernelrl.core.config import RewardConfig, SampleSettings
 from kernelrl.core.subjects import RunSubjects
 
 PROBLEMS = ("level1/19_ReLU", "level1/23_Softmax", "level1/40_LayerNorm", "level2/12_Gemm_Multiply_LeakyReLU")
@@ -122,7 +123,7 @@ def sample_trajectory(
     sample_idx: int,
     n_samples: int,
     policy_version: int,
-    config: reward.RewardConfig,
+    config: RewardConfig,
 ) -> tuple[list[m.TurnEvent], m.TrajectoryEvent]:
     trajectory_id = m.new_id()
     quality = rng.random()
@@ -210,11 +211,15 @@ def sample_trajectory(
     return turns, trajectory
 
 
-def sample_run(run_id: str, steps: int = 2, groups: int = 4, samples: int = 4, seed: int = 0) -> Iterator[tuple[str, m.Message]]:
+def sample_run(
+    run_id: str, sample: SampleSettings | None = None, config: RewardConfig | None = None
+) -> Iterator[tuple[str, m.Message]]:
     """(subject, message) pairs in publication order."""
-    rng = random.Random(seed)
+    sample = sample or SampleSettings()
+    config = config or RewardConfig()
+    steps, groups, samples = sample.steps, sample.groups, sample.samples
+    rng = random.Random(sample.seed)
     subjects = RunSubjects(run_id)
-    config = reward.RewardConfig()
     for step in range(1, steps + 1):
         kept, filtered, early, advantage_rows = 0, 0, 0, []
         rollout_time = 0.0

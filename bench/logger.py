@@ -36,13 +36,13 @@ from kernelrl.core import messages as m
 from kernelrl.core import subjects as s
 from kernelrl.core.actor import run_main
 from kernelrl.core.bus import Bus, Delivery
-from kernelrl.core.config import BusSettings, LoggerSettings
+from kernelrl.core.config import BusSettings, LoggerSettings, SampleSettings
 from kernelrl.core.nats_server import EmbeddedNatsServer, local_cluster
 
 
 def realistic_turns(run_id: str, n: int) -> list[m.TurnEvent]:
     """n distinct turn records of about 5 KB, taken from the sample stream's dialogues."""
-    pool = [msg for _, msg in sample_run(run_id, steps=2, groups=4, samples=4) if isinstance(msg, m.TurnEvent)]
+    pool = [msg for _, msg in sample_run(run_id, SampleSettings(steps=2, groups=4, samples=4)) if isinstance(msg, m.TurnEvent)]
     return [
         m.TurnEvent(**{f: getattr(t, f) for f in t.__struct_fields__ if f != "event_id"}, event_id=f"bench-{i}")
         for i, t in ((i, pool[i % len(pool)]) for i in range(n))

@@ -1,8 +1,10 @@
-"""What every command shares: where NATS is, which run, how much to log, and how a command ends.
+"""What every command shares: the run's configuration, where NATS is, how much to log, how a command ends.
 
-``--nats`` and ``--run`` resolve like ``core.run_dirs`` says: the flag, the environment (``KRL_NATS``,
-``KRL_RUN``), the latest local run, the default. A broker that cannot be reached ends a command with one
-line naming the URL and exit status 2, never a traceback or a reconnect loop.
+The configuration is the ``--config`` TOML file, then each ``--set section.key=value``, then named flags
+(``--nats`` is ``bus.url``, ``--run`` is ``bus.run`` ...). An unset URL and run id resolve like
+``core.run_dirs`` says: the environment (``KRL_NATS``, ``KRL_RUN``), the latest local run, the default.
+A configuration error ends a command with one line naming the key, a broker that cannot be reached with
+one line naming the URL; both exit 2, never a traceback or a reconnect loop.
 """
 
 from __future__ import annotations
@@ -13,33 +15,73 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from kernelrl.core.config import BusSettings
+from kernelrl.core.config import Config
+from kernelrl.core.config_file import ConfigError, config_toml, load_config
 from kernelrl.core.run_dirs import resolve_nats_url, resolve_run_id
 
 
-def add_bus_arguments(parser: argparse.ArgumentParser, resolve: bool = True) -> None:
-    """``--nats``, ``--run``, ``--log-level``; with ``resolve`` they are filled in before the command runs."""
-    parser.add_argument("--nats", default=None, help="NATS server URL (default: $KRL_NATS, the latest run's, or 4222)")
-    parser.add_argument("--run", default=None, help="run id (default: $KRL_RUN, the latest local run, or 'default')")
+def add_config_arguments(parser: argparse.ArgumentParser, resolve: bool = True) -> None:
+    """``--config``, ``--set``, ``--print-config`` and the named flags every command shares (``--nats``,
+    ``--run``, ``--replicas``); with ``resolve`` an unset bus URL and run id are found before the command runs."""
+    parser.add_argument(
+        "--config",
+        dest="config_file",
+        default=os.environ.get("KRL_CONFIG") or None,
+        metavar="FILE",
+        help="the run's TOML configuration (default: $KRL_CONFIG, else the built-in defaults)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="config_sets",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="set one configuration key, e.g. --set evaluator.limits.correctness_time_s=60 (repeatable)",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the effective configuration as TOML and exit")
     parser.add_argument("--log-level", default=os.environ.get("KRL_LOG_LEVEL", "INFO"))
-    parser.add_argument("--replicas", type=int, default=1, help="store streams on this many servers of a NATS cluster")
+    add_setting_flag(parser, "--nats", key="bus.url", help="NATS server URL (default: $KRL_NATS, the latest run's, or 4222)")
+    add_setting_flag(parser, "--run", key="bus.run", help="run id (default: $KRL_RUN, the latest local run, or 'default')")
+    add_setting_flag(parser, "--replicas", key="bus.replicas", type=int, help="store streams on this many servers of a cluster")
     parser.set_defaults(resolve_bus=resolve)
 
 
-def resolve_bus_arguments(args: argparse.Namespace) -> None:
+def add_setting_flag(parser: argparse.ArgumentParser, *names: str, key: str | tuple[str, ...], **kwargs: Any) -> None:
+    """A named flag for configuration key ``key`` (or several); given, it overrides the file and ``--set``."""
+    if kwargs.get("action") == "store_true":
+        kwargs.update(action="store_const", const=True)
+    action = parser.add_argument(*names, default=None, **kwargs)
+    keys = dict(parser.get_default("setting_flags") or {})
+    keys[action.dest] = key
+    parser.set_defaults(setting_flags=keys)
+
+
+def config_from_arguments(args: argparse.Namespace) -> Config:
+    """The effective configuration: the file, ``--set``, the named flags; then an unset bus URL and run id
+    resolved (for commands that join a run): ``$KRL_NATS``/``$KRL_RUN``, the latest local run, the defaults."""
+    flags = getattr(args, "setting_flags", {}) or {}
+    named: dict[str, Any] = {}
+    for dest, keys in flags.items():
+        if getattr(args, dest) is not None:
+            named.update(dict.fromkeys((keys,) if isinstance(keys, str) else keys, getattr(args, dest)))
+    config = load_config(args.config_file, args.config_sets, named)
     if getattr(args, "resolve_bus", False):
-        args.nats, _ = resolve_nats_url(args.nats)
-        args.run = resolve_run_id(args.run)
-
-
-def bus_settings(args: argparse.Namespace) -> BusSettings:
-    return BusSettings(url=args.nats, run=args.run, replicas=args.replicas)
+        root = Path(config.run.runs_root)
+        bus = msgspec.structs.replace(
+            config.bus,
+            url=config.bus.url or resolve_nats_url(None, root)[0],
+            run=config.bus.run or resolve_run_id(None, root),
+        )
+        config = msgspec.structs.replace(config, bus=bus)
+    return config
 
 
 async def connect_tool(url: str, name: str, reconnect: bool = False, timeout_s: float = 5.0) -> NatsClient:
@@ -70,10 +112,20 @@ def setup_logging(level: str) -> None:
 
 
 def run_command(prog: str, amain: Callable[[argparse.Namespace], Coroutine[Any, Any, int]], args: argparse.Namespace) -> int:
-    """Resolve the bus arguments, run the command's coroutine, and turn an unreachable broker into exit 2."""
+    """Load the configuration (``args.config``), run the command's coroutine; a configuration error and an
+    unreachable broker are one line and exit 2."""
     from kernelrl.core.actor import run_main
 
-    resolve_bus_arguments(args)
+    if hasattr(args, "config_sets"):
+        try:
+            args.config = config_from_arguments(args)
+        except ConfigError as exc:
+            print(f"{prog}: configuration: {exc}", file=sys.stderr)
+            return 2
+        if args.print_config:
+            print(config_toml(args.config), end="")
+            return 0
+        args.nats, args.run = args.config.bus.url, args.config.bus.run
     setup_logging(getattr(args, "log_level", "INFO"))
     try:
         return run_main(amain(args))

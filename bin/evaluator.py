@@ -1,5 +1,6 @@
 """``kernelrl evaluator``: the evaluator role (see ``kernelrl.actors.evaluator``).
 
+Settings come from the run's configuration (``[evaluator]``: limits, work consumer, problem set).
 ``--gpu N`` pins the process to GPU N (``CUDA_VISIBLE_DEVICES``) before anything loads torch; without
 it the evaluator checks on the CPU with Triton's interpreter.
 """
@@ -9,37 +10,33 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from kernelrl.bin.common import add_bus_arguments, bus_settings, command_main
+from kernelrl.bin.common import add_config_arguments, add_setting_flag, command_main
 from kernelrl.core.actor import run_actor
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_bus_arguments(parser)
+    add_config_arguments(parser)
     parser.add_argument("--gpu", default=None, help="GPU index (or UUID) to pin (default: CPU interpreter)")
-    parser.add_argument("--problems", type=Path, default=None, help="problem set for requests without source")
-    parser.add_argument("--time-limit", type=float, default=None, help="seconds per correctness/benchmark phase")
-    parser.add_argument("--memory-limit-gb", type=float, default=None, help="worker address space (CPU only)")
+    add_setting_flag(parser, "--problems", key="evaluator.problems", help="problem set for requests without source")
+    add_setting_flag(parser, "--memory-limit-gb", key="evaluator.limits.address_space_gb", type=float,
+                     help="worker address space (CPU only)")  # fmt: skip
+    add_setting_flag(parser, "--time-limit", key=("evaluator.limits.correctness_time_s", "evaluator.limits.benchmark_time_s"),
+                     type=float, help="seconds the correctness and the benchmark phase may each take")  # fmt: skip
 
 
 async def amain(args: argparse.Namespace) -> int:
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu  # before the worker (and torch) starts
-    import msgspec
+    from pathlib import Path
 
-    from kernelrl.actors.eval_sandbox import WorkerLimits
-    from kernelrl.actors.evaluator import EvaluatorActor, EvaluatorSettings
+    from kernelrl.actors.evaluator import EvaluatorActor
     from kernelrl.core.problems import builtin_problems, load_problem_set
 
-    limits = WorkerLimits()
-    if args.time_limit is not None:
-        limits = msgspec.structs.replace(limits, correctness_time_s=args.time_limit, benchmark_time_s=args.time_limit)
-    if args.memory_limit_gb is not None:
-        limits = msgspec.structs.replace(limits, address_space_gb=args.memory_limit_gb)
-    settings = EvaluatorSettings(device="cpu" if args.gpu is None else "cuda", limits=limits)
-    problems = load_problem_set(args.problems) if args.problems else builtin_problems()
-    return await run_actor(lambda bus: EvaluatorActor(bus, settings, problems), bus_settings(args))
+    settings = args.config.evaluator
+    problems = load_problem_set(Path(settings.problems)) if settings.problems else builtin_problems()
+    device = "cpu" if args.gpu is None else "cuda"
+    return await run_actor(lambda bus: EvaluatorActor(bus, settings, device, problems), args.config)
 
 
 def main(argv: list[str] | None = None) -> int:

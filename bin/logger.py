@@ -10,36 +10,40 @@ import argparse
 import sys
 from pathlib import Path
 
+import msgspec
+
 from kernelrl.actors.logger import LoggerActor, RunLogFiles
 from kernelrl.actors.run_log import LogDirInUse, LogSyncError, LogWriteError
-from kernelrl.bin.common import add_bus_arguments, bus_settings, command_main
+from kernelrl.bin.common import add_config_arguments, add_setting_flag, command_main
 from kernelrl.core.actor import run_actor
-from kernelrl.core.config import LoggerSettings
+from kernelrl.core.config import Config
+from kernelrl.core.run_dirs import RunDirectory
 
 EXIT_UNUSABLE_LOG_DIR = 2
 EXIT_FSYNC_FAILED = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_bus_arguments(parser)
-    parser.add_argument("--log-dir", required=True, help="directory for turns/trajectories/steps JSONL")
-    parser.add_argument("--verbose", action="store_true", help="detailed console output (or VERBOSE=true)")
-    parser.add_argument("--quiet", action="store_true", help="no console summaries, files only")
-    parser.add_argument("--fsync-interval", type=float, default=LoggerSettings().fsync_interval_s)
+    add_config_arguments(parser)
+    add_setting_flag(parser, "--log-dir", key="logger.log_dir", help="directory for the JSONL logs (default runs/<run>/logs)")
+    add_setting_flag(parser, "--verbose", key="logger.verbose", action="store_true",
+                     help="detailed console output (or VERBOSE=true)")  # fmt: skip
+    add_setting_flag(parser, "--quiet", key="logger.console", action="store_const", const=False,
+                     help="no console summaries, files only")  # fmt: skip
+    add_setting_flag(parser, "--fsync-interval", key="logger.fsync_interval_s", type=float, help="seconds between fsyncs")
 
 
 async def amain(args: argparse.Namespace) -> int:
-    settings = LoggerSettings(
-        log_dir=args.log_dir,
-        verbose=args.verbose,
-        console=not args.quiet,
-        fsync_interval_s=args.fsync_interval,
-    )
+    config: Config = args.config
+    settings = config.logger
+    if not settings.log_dir:
+        run_dir = RunDirectory(root=config.run.runs_root, run_id=config.bus.run)
+        settings = msgspec.structs.replace(settings, log_dir=str(run_dir.logs))
     try:
         # The directory is locked and opened before NATS is touched: a refused logger leaves no trace.
         files = RunLogFiles(Path(settings.log_dir), settings)
         try:
-            return await run_actor(lambda bus: LoggerActor(bus, settings, files=files), bus_settings(args))
+            return await run_actor(lambda bus: LoggerActor(bus, settings, files=files), config)
         finally:
             files.close()  # a no-op once the actor has closed them
     except LogDirInUse as exc:

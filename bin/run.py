@@ -22,61 +22,53 @@ import signal
 import sys
 from pathlib import Path
 
+import msgspec
 import nats.errors
 
-from kernelrl.bin.common import add_bus_arguments, bus_settings, command_main
+from kernelrl.bin.common import add_config_arguments, add_setting_flag, command_main
 from kernelrl.core import subjects as s
 from kernelrl.core.bus import Bus
+from kernelrl.core.config import ROLES, Config
+from kernelrl.core.config_file import config_toml
+from kernelrl.core.consumers import consumer_table
 from kernelrl.core.nats_server import NATS_PORT, EmbeddedNatsServer, port_is_free
-from kernelrl.core.run_dirs import RUNS_ROOT, URL_FILE, RunDirectory, new_run_id
+from kernelrl.core.run_dirs import CONFIG_FILE, URL_FILE, RunDirectory, new_run_id
 from kernelrl.core.supervisor import ChildSpec, RestartBudget, Supervisor
 
 log = logging.getLogger("kernelrl.run")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_bus_arguments(parser, resolve=False)  # no --nats: start a broker; no --run: a new run
-    parser.add_argument(
-        "--nats-listen",
-        default="127.0.0.1",
-        help="interface the embedded broker listens on (default %(default)s; 0.0.0.0 lets other hosts join)",
-    )
-    parser.add_argument("--runs-root", default=str(RUNS_ROOT), help="where run directories go (default %(default)s)")
-    parser.add_argument(
-        "--roles",
-        default=",".join(ROLES),
-        help="the roles this process runs, comma-separated (default: all of %(default)s); with --nats and --run, "
-        "join a run whose broker is on another host",
-    )
-    parser.add_argument("--run-dir", help="this run's directory (default <runs-root>/<run id>)")
-    parser.add_argument("--verbose", action="store_true", help="detailed console output (or VERBOSE=true)")
-    parser.add_argument(
-        "--nats-sync",
-        default="always",
-        help="embedded server's JetStream sync_interval: 'always' (no acknowledged event lost if it is killed) "
-        "or a duration such as 1s or 2m (faster, loses up to that much on a crash)",
-    )
-    parser.add_argument(
-        "--sample-steps",
-        type=int,
-        default=2,
-        help="steps of the sample event stream to publish (0: none, wait for Ctrl-C)",
-    )
-    parser.add_argument(
-        "--sample-evals", type=int, default=4, help="built-in reference solutions the sample sends to the evaluators"
-    )
+    add_config_arguments(parser, resolve=False)  # no --nats: start a broker; no --run: a new run
+    add_setting_flag(parser, "--nats-listen", key="run.nats_listen",
+                     help="interface the embedded broker listens on (0.0.0.0 lets other hosts join)")  # fmt: skip
+    add_setting_flag(parser, "--runs-root", key="run.runs_root", help="where run directories go (default runs)")
+    add_setting_flag(parser, "--roles", key="run.roles", type=split_roles,
+                     help=f"the roles this process runs, comma-separated (default: all of {','.join(ROLES)}); with --nats "
+                     "and --run, join a run whose broker is on another host")  # fmt: skip
+    add_setting_flag(parser, "--run-dir", key="run.run_dir", help="this run's directory (default <runs-root>/<run id>)")
+    add_setting_flag(parser, "--verbose", key="logger.verbose", action="store_true",
+                     help="detailed console output (or VERBOSE=true)")  # fmt: skip
+    add_setting_flag(parser, "--nats-sync", key="run.nats_sync",
+                     help="embedded server's JetStream sync_interval: 'always' (no acknowledged event lost if it is killed) "
+                     "or a duration such as 1s or 2m (faster, loses up to that much on a crash)")  # fmt: skip
+    add_setting_flag(parser, "--sample-steps", key="sample.steps", type=int,
+                     help="steps of the sample event stream to publish (0: none, wait for Ctrl-C)")  # fmt: skip
+    add_setting_flag(parser, "--sample-evals", key="sample.evals", type=int,
+                     help="built-in reference solutions the sample sends to the evaluators")  # fmt: skip
 
 
-ROLES = ("logger", "evaluator", "sample")
+def split_roles(text: str) -> list[str]:
+    return [r.strip() for r in text.split(",") if r.strip()]
 
 
-def parse_roles(text: str) -> list[str]:
-    roles = [r.strip() for r in text.split(",") if r.strip()]
-    unknown = sorted(set(roles) - set(ROLES))
-    if unknown or not roles:
-        named = ", ".join(unknown) or "(none given)"
-        raise ValueError(f"--roles {text!r}: unknown role(s) {named}; choose from {', '.join(ROLES)}")
-    return roles
+def evaluator_gpus(setting: str) -> list[str]:
+    """``evaluator.gpus``: "auto" (every visible GPU), "cpu" (none), or a comma-separated list."""
+    if setting == "auto":
+        return visible_gpus()
+    if setting in ("cpu", ""):
+        return []
+    return [g.strip() for g in setting.split(",") if g.strip()]
 
 
 def visible_gpus() -> list[str]:
@@ -101,62 +93,74 @@ async def logger_caught_up(bus: Bus) -> bool:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    try:
-        roles = parse_roles(args.roles)
-    except ValueError as exc:
-        print(f"kernelrl run: {exc}", file=sys.stderr)
-        return 2
-    args.nats = args.nats or os.environ.get("KRL_NATS") or None
-    if args.nats and not (args.run or os.environ.get("KRL_RUN")):
+    config: Config = args.config
+    roles = config.run.roles
+    url = config.bus.url or os.environ.get("KRL_NATS") or ""
+    run_id = config.bus.run or os.environ.get("KRL_RUN") or ""
+    if url and not run_id:
         print("kernelrl run: --run ID is needed to join a run on another broker (--nats)", file=sys.stderr)
         return 2
-    runs_root = Path(args.runs_root)
-    args.run = args.run or os.environ.get("KRL_RUN") or new_run_id(runs_root)
-    run = RunDirectory(root=str(runs_root), run_id=args.run)
-    run_dir = Path(args.run_dir) if args.run_dir else run.path
-    log_dir = run_dir / "logs"
+    runs_root = Path(config.run.runs_root)
+    run_id = run_id or new_run_id(runs_root)
+    run = RunDirectory(root=str(runs_root), run_id=run_id)
+    run_dir = Path(config.run.run_dir) if config.run.run_dir else run.path
+    log_dir = Path(config.logger.log_dir) if config.logger.log_dir else run_dir / "logs"
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not args.run_dir:
+    if not config.run.run_dir:
         run.create()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     gave_up: dict[str, str] = {}
+    budget = RestartBudget(config.run.restart_budget, config.run.restart_window_s)
     async with contextlib.AsyncExitStack() as stack:
         server: EmbeddedNatsServer | None = None
-        if args.nats is None:
+        if not url:
             port = NATS_PORT if port_is_free(NATS_PORT) else None
-            server = EmbeddedNatsServer(run_dir / "nats", port=port, sync_interval=args.nats_sync, host=args.nats_listen)
+            server = EmbeddedNatsServer(run_dir / "nats", port=port, sync_interval=config.run.nats_sync,
+                                        host=config.run.nats_listen)  # fmt: skip
             await stack.enter_async_context(server)
-            args.nats = server.url
+            url = server.url
             log.info("embedded NATS server at %s (store %s)", server.url, server.store_dir)
-        (run_dir / URL_FILE).write_text(args.nats + "\n")
-        bus = await Bus.connect(bus_settings(args), name="kernelrl-run")
+        (run_dir / URL_FILE).write_text(url + "\n")
+        # The effective configuration, complete, is the run's record and what every child reads.
+        config = msgspec.structs.replace(
+            config,
+            bus=msgspec.structs.replace(config.bus, url=url, run=run_id),
+            logger=msgspec.structs.replace(config.logger, log_dir=str(log_dir.resolve())),
+        )
+        config_path = run_dir / CONFIG_FILE
+        config_path.write_text(config_toml(config))
+        bus = await Bus.connect(config.bus, name="kernelrl-run")
         stack.push_async_callback(bus.close)
-        await bus.provision()
-        common = ["--nats", args.nats, "--run", args.run, "--log-level", args.log_level, "--replicas", str(args.replicas)]
-        logger_args = ["--log-dir", str(log_dir), *(["--verbose"] if args.verbose else [])]
+        await bus.provision(consumer_table(config))
+        common = ["--config", str(config_path), "--log-level", args.log_level]
+
+        def child(name: str, command: str, *extra: str, restart: bool = True) -> ChildSpec:
+            return ChildSpec(name=name, argv=child_argv(command, *common, *extra), restart=restart,
+                             max_restarts=budget.max_restarts, window_s=budget.window_s)  # fmt: skip
+
         specs = []
         if "logger" in roles:
-            specs.append(ChildSpec(name="logger", argv=child_argv("logger", *common, *logger_args)))
+            specs.append(child("logger", "logger"))
         if "evaluator" in roles:
-            gpus = visible_gpus()
+            gpus = evaluator_gpus(config.evaluator.gpus)
             for gpu in gpus:
-                specs.append(ChildSpec(name=f"evaluator-gpu{gpu}", argv=child_argv("evaluator", *common, "--gpu", gpu)))
+                specs.append(child(f"evaluator-gpu{gpu}", "evaluator", "--gpu", gpu))
             if not gpus:
-                specs.append(ChildSpec(name="evaluator-cpu", argv=child_argv("evaluator", *common)))
+                specs.append(child("evaluator-cpu", "evaluator"))
             log.info("evaluators: %s", ", ".join(f"GPU {g}" for g in gpus) or "one on the CPU (Triton interpreter)")
+        sample_steps = config.sample.steps
         if "sample" not in roles or "logger" not in roles:  # the sample stream ends once the logger has it all
-            args.sample_steps = 0
-        if args.sample_steps > 0:
-            sample = ["--steps", str(args.sample_steps), "--evals", str(args.sample_evals)]
-            specs.append(ChildSpec(name="sample-events", argv=child_argv("sample-events", *common, *sample), restart=False))
+            sample_steps = 0
+        if sample_steps > 0:
+            specs.append(child("sample-events", "sample-events", restart=False))
         supervisor = Supervisor(specs)
-        log.info("run %s: directory %s, logs in %s, NATS at %s; Ctrl-C stops", args.run, run_dir, log_dir, args.nats)
+        log.info("run %s: directory %s, logs in %s, NATS at %s; Ctrl-C stops", run_id, run_dir, log_dir, url)
 
         async def finish_when_sample_logged() -> None:
-            if args.sample_steps <= 0:
+            if sample_steps <= 0:
                 return
             await supervisor.finished["sample-events"].wait()
             while not stopping.is_set():
@@ -169,17 +173,17 @@ async def amain(args: argparse.Namespace) -> int:
             supervised = tg.create_task(supervisor.run(stopping))
             tg.create_task(finish_when_sample_logged())
             if server is not None:
-                tg.create_task(server.supervise(stopping, RestartBudget(5, 600.0), gave_up))
+                tg.create_task(server.supervise(stopping, budget, gave_up))
         codes = supervised.result()
     gave_up.update(supervisor.gave_up)
     if gave_up:
-        log.error("run %s stopped because: %s", args.run, "; ".join(f"{name} {why}" for name, why in gave_up.items()))
+        log.error("run %s stopped because: %s", run_id, "; ".join(f"{name} {why}" for name, why in gave_up.items()))
         return 1
     failed = {name: code for name, code in codes.items() if code not in (0, -signal.SIGTERM)}
     if failed:
         log.error("children exited with errors: %s", failed)
         return 1
-    log.info("run %s stopped cleanly; logs in %s", args.run, log_dir)
+    log.info("run %s stopped cleanly; logs in %s", run_id, log_dir)
     return 0
 
 

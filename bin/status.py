@@ -9,14 +9,14 @@ import time
 import msgspec
 import nats.js.errors
 
-from kernelrl.bin.common import add_bus_arguments, command_main, connect_tool
+from kernelrl.bin.common import add_config_arguments, command_main, connect_tool
 from kernelrl.core import messages as m
 from kernelrl.core.actor import decode_heartbeat
 from kernelrl.core.subjects import RunSubjects
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_bus_arguments(parser)
+    add_config_arguments(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per actor")
 
 
@@ -46,9 +46,11 @@ async def read_heartbeats(url: str, run: str) -> list[m.Heartbeat]:
 def format_table(beats: list[m.Heartbeat], now: float) -> str:
     if not beats:
         return "no live actors"
-    rows = [("ROLE", "ID", "HOST", "DEVICE", "STATE", "AGE", "COUNTERS")]
+    rows = [("ROLE", "ID", "HOST", "DEVICE", "STATE", "AGE", "COUNTERS  GAUGES")]
     for b in beats:
         counters = " ".join(f"{k}={v}" for k, v in sorted(b.counters.items()))
+        gauges = " ".join(f"{k}={v:g}" for k, v in sorted(b.gauges.items()))
+        counters = f"{counters}  {gauges}" if gauges else counters
         rows.append((b.role, b.actor_id, b.host, b.device or "-", b.state, f"{now - b.updated_at:.1f}s", counters))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows)

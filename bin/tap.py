@@ -12,14 +12,14 @@ import msgspec
 import nats
 
 from kernelrl.actors.console import summary_line
-from kernelrl.bin.common import add_bus_arguments, command_main, connect_tool
+from kernelrl.bin.common import add_config_arguments, command_main, connect_tool
 from kernelrl.core import messages as m
 from kernelrl.core.bus import decode_any
 from kernelrl.core.subjects import RunSubjects
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_bus_arguments(parser)
+    add_config_arguments(parser)
     parser.add_argument("subject", nargs="?", help="subject to watch (default: krl.<run>.>)")
     parser.add_argument("--json", action="store_true", help="print each message as full JSON")
     parser.add_argument("--count", type=int, default=0, help="exit after this many messages")

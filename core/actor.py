@@ -1,7 +1,8 @@
 """The lifecycle every role shares: connect, provision, run, heartbeat, stop on a signal, drain, exit 0.
 
-An actor is an object with a ``role``, a ``counters`` Counter and ``async run(stopping)``; ``run`` must
-stop pulling new work once ``stopping`` is set, finish or release what it holds, and return.
+An actor is an object with a ``role``, a ``counters`` Counter, ``gauges()`` and ``async run(stopping)``; ``run``
+must stop pulling new work once ``stopping`` is set, finish or release what it holds, and return. Blocking
+work runs off the event loop, so the heartbeat (every ``bus.heartbeat_interval_s``) keeps beating through it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import nats.errors
 
 from kernelrl.core import messages as m
 from kernelrl.core.bus import Bus
-from kernelrl.core.config import ActorSettings, BusSettings
+from kernelrl.core.config import Config
+from kernelrl.core.consumers import consumer_table
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,10 @@ class Actor(Protocol):
     state: str
     counters: Counter[str]
 
+    def gauges(self) -> dict[str, float]:
+        """Current values for the heartbeat (seconds into the current job, the last fsync's duration ...)."""
+        ...
+
     async def run(self, stopping: asyncio.Event) -> None: ...
 
 
@@ -40,7 +46,7 @@ def default_actor_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
 
-async def _heartbeat_loop(bus: Bus, actor: Actor, settings: ActorSettings, started_at: float, done: asyncio.Event) -> None:
+async def _heartbeat_loop(bus: Bus, actor: Actor, started_at: float, done: asyncio.Event) -> None:
     kv = await bus.kv(bus.subjects.actors_bucket)
     codec = m.codec_for(m.Heartbeat)
     key = f"{actor.role}.{actor.actor_id}"
@@ -60,34 +66,36 @@ async def _heartbeat_loop(bus: Bus, actor: Actor, settings: ActorSettings, start
             run_id=bus.settings.run,
             started_at=started_at,
             counters=counters,
+            gauges=actor.gauges(),
         )
+        interval = bus.settings.heartbeat_interval_s
         try:
-            await asyncio.wait_for(kv.put(key, codec.encode(beat)), settings.heartbeat_interval_s)
+            await asyncio.wait_for(kv.put(key, codec.encode(beat)), interval)
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("heartbeat not written: %r", exc)
         if done.is_set():
             return  # the last beat said "stopped"; the entry expires with the bucket's TTL
         try:
-            await asyncio.wait_for(done.wait(), settings.heartbeat_interval_s)
+            await asyncio.wait_for(done.wait(), interval)
         except TimeoutError:
             pass
 
 
 async def run_actor(
     make_actor: Callable[[Bus], Actor | Awaitable[Actor]],
-    bus_settings: BusSettings,
-    actor_settings: ActorSettings | None = None,
+    config: Config,
     stopping: asyncio.Event | None = None,
 ) -> int:
-    """Run one actor to completion; SIGINT/SIGTERM start a clean stop. Returns the exit status."""
-    settings = actor_settings or ActorSettings()
+    """Run one actor of the run ``config`` describes to completion; SIGINT/SIGTERM start a clean stop.
+    Returns the exit status."""
+    bus_settings = config.bus
     stopping = stopping or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     bus = await Bus.connect(bus_settings, name="kernelrl")
     try:
-        await bus.provision()
+        await bus.provision(consumer_table(config))
         made = make_actor(bus)
         actor = await made if isinstance(made, Awaitable) else made
         started_at = time.time()
@@ -106,7 +114,7 @@ async def run_actor(
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(run_then_mark_stopped())
-                tg.create_task(_heartbeat_loop(bus, actor, settings, started_at, done))
+                tg.create_task(_heartbeat_loop(bus, actor, started_at, done))
         except ExceptionGroup as group:
             if len(group.exceptions) == 1:  # surface the actor's own error, not the group
                 raise group.exceptions[0] from None

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 import nats.errors
@@ -26,7 +26,8 @@ from nats.js.kv import KeyValue
 
 from kernelrl.core import messages as m
 from kernelrl.core import subjects as s
-from kernelrl.core.config import BusSettings
+from kernelrl.core.config import BusSettings, Config
+from kernelrl.core.consumers import ConsumerSpec, consumer_table
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,9 @@ class Bus:
 
     # ------------------------------------------------------------ provisioning
 
-    async def provision(self) -> None:
-        """Create the run's streams, shared consumers and KV buckets; idempotent.
+    async def provision(self, consumers: Sequence[ConsumerSpec] | None = None) -> None:
+        """Create the run's streams, the durable consumers of ``consumers`` (by default the table of a run with
+        default settings: ``core.consumers``) and KV buckets; idempotent.
 
         A stream whose configuration changed is updated; an existing consumer keeps its configuration.
         """
@@ -289,32 +291,17 @@ class Bus:
                 **common,
             )
         )
-        await self.ensure_consumer(
-            st.rollout_stream,
-            api.ConsumerConfig(
-                durable_name=s.GENERATORS_CONSUMER,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                ack_wait=cfg.rollout_ack_wait_s,
-                max_deliver=cfg.rollout_max_deliver,
-            ),
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=st.parked_stream,
+                subjects=[st.parked_all],
+                retention=api.RetentionPolicy.LIMITS,
+                max_age=cfg.parked_max_age_s or None,
+                **common,
+            )
         )
-        await self.ensure_consumer(
-            st.eval_stream,
-            api.ConsumerConfig(
-                durable_name=s.EVALUATORS_CONSUMER,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                ack_wait=cfg.eval_ack_wait_s,
-                max_deliver=cfg.eval_max_deliver,
-            ),
-        )
-        await self.ensure_consumer(
-            st.batch_stream,
-            api.ConsumerConfig(
-                durable_name=s.LEARNER_CONSUMER,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                ack_wait=cfg.batch_ack_wait_s,
-            ),
-        )
+        for spec in consumer_table(Config(bus=cfg)) if consumers is None else consumers:
+            await self.ensure_consumer(spec.stream, spec.consumer_config())
         await self._ensure_kv(api.KeyValueConfig(bucket=st.policy_bucket, history=8, storage=storage, replicas=cfg.replicas))
         await self._ensure_kv(api.KeyValueConfig(bucket=st.actors_bucket, history=1, ttl=cfg.heartbeat_ttl_s, storage=storage,
                                                  replicas=cfg.replicas))  # fmt: skip
@@ -381,8 +368,12 @@ class Bus:
     async def publish(self, subject: str, msg: m.Message) -> api.PubAck:
         """Publish to JetStream, stored once however often it is retried."""
         codec = m.CODECS[type(msg).__name__]
-        payload = codec.encode(msg)
         headers = {TYPE_HEADER: codec.type_name, MSG_ID_HEADER: m.message_id(msg)}
+        return await self.publish_raw(subject, codec.encode(msg), headers)
+
+    async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str]) -> api.PubAck:
+        """Publish bytes to JetStream, retried until ``publish_deadline_s``; ``headers`` must carry the
+        ``Nats-Msg-Id`` that makes the retries store it once."""
         deadline = time.monotonic() + self.settings.publish_deadline_s
         delay = 0.05
         while True:
@@ -391,7 +382,7 @@ class Bus:
             except _RETRYABLE_PUBLISH as exc:
                 if time.monotonic() + delay > deadline:
                     raise TimeoutError(
-                        f"publish of {codec.type_name} to {subject} not acknowledged within "
+                        f"publish of {headers.get(TYPE_HEADER, 'a message')} to {subject} not acknowledged within "
                         f"{self.settings.publish_deadline_s:.0f}s: {exc!r}"
                     ) from exc
                 self.publish_retries += 1
@@ -437,13 +428,14 @@ class Bus:
             acks.append(await self.publish(subject, msg))
         return acks
 
-    async def reply(self, subject: str, result: m.EvalResult) -> None:
-        """An eval result to its requester: through the results stream when the subject is this run's (stored,
-        deduplicated by ``eval_id``, there for a requester that was reconnecting), else on core NATS."""
-        if self.subjects.is_eval_result(subject):
-            await self.publish(subject, result)
+    async def publish_outcome(self, subject: str, msg: m.Message) -> None:
+        """The outcome of a job: through JetStream when ``subject`` is one of this run's stored subjects (an eval
+        result to its requester, an event, a batch: stored once, there for a reader that was reconnecting), else
+        on core NATS (a reply to a tool outside the run)."""
+        if self.subjects.type_for(subject) is not None:
+            await self.publish(subject, msg)
         else:
-            await self.publish_core(subject, result)
+            await self.publish_core(subject, msg)
 
     async def publish_core(self, subject: str, msg: m.Message) -> None:
         """Publish on core NATS (no storage): replies and other at-most-once traffic."""

@@ -1,13 +1,45 @@
-"""Configuration Structs: the defaults of a run live here and nowhere else."""
+"""Configuration Structs: every default of a run lives here and nowhere else.
+
+A run is configured by one TOML file whose tables are the sections of ``Config`` (``[run]``, ``[bus]``,
+``[logger]``, ``[evaluator]`` ...); ``core.config_file`` loads it, applies ``--set section.key=value`` and
+named flags, and rejects unknown keys and wrong types before anything starts. ``kernelrl run
+--print-config`` shows the effective values.
+"""
 
 from __future__ import annotations
 
 import msgspec
 
+ROLES = ("logger", "evaluator", "sample")
 
-class BusSettings(msgspec.Struct, kw_only=True, frozen=True):
-    url: str = "nats://127.0.0.1:4222"  # several servers of one cluster: comma-separated
-    run: str = "default"
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    """Base of every configuration Struct: keyword-only and immutable. Unknown keys in a file are rejected by
+    the loader, not here: ``CheckSettings`` also travels on the wire, where an older reader ignores new fields."""
+
+
+class WorkSettings(Settings):
+    """A work queue's durable consumer and the shared work loop that pulls from it (``core.work_loop``)."""
+
+    # JetStream redelivers a message not acked (nor marked in progress) within ack_wait_s.
+    ack_wait_s: float
+    # After this many deliveries the message is parked (``krl.<run>.parked.<consumer>``) with an advisory.
+    max_deliver: int
+    # While a job runs, it is marked in progress this often (well under ack_wait_s).
+    in_progress_interval_s: float = 20.0
+    fetch_timeout_s: float = 1.0
+    # On shutdown an unfinished job is released (nak) to come back after this delay, to another instance.
+    release_delay_s: float = 1.0
+    # A job whose handler raised is released to come back after this delay (counts as a delivery).
+    retry_delay_s: float = 5.0
+
+
+class BusSettings(Settings):
+    # "": found at start (named flag or --set, $KRL_NATS, the latest local run, nats://127.0.0.1:4222).
+    # Several servers of one cluster: comma-separated.
+    url: str = ""
+    # "": $KRL_RUN, the latest local run, else "default" (``kernelrl run``: a new run id).
+    run: str = ""
     # Streams and KV buckets are stored on this many servers (a NATS cluster of at least that many nodes).
     replicas: int = 1
     connect_timeout_s: float = 10.0
@@ -19,28 +51,38 @@ class BusSettings(msgspec.Struct, kw_only=True, frozen=True):
     # long enough to ride out a NATS server restart.
     publish_deadline_s: float = 60.0
     duplicate_window_s: float = 120.0
-    # Work queues: ack_wait must exceed the longest job; bounded redelivery.
-    eval_ack_wait_s: float = 600.0
-    eval_max_deliver: int = 3
-    rollout_ack_wait_s: float = 1800.0
-    rollout_max_deliver: int = 5
-    batch_ack_wait_s: float = 1800.0
     # The event stream is the run's log: kept (limits retention) until these limits, 0 = unlimited.
     event_max_age_s: float = 0.0
     event_max_bytes: int = -1
     max_msg_size: int = 8 * 1024 * 1024
     # Eval results wait this long in their stream for a requester that was away (reconnecting, restarting).
     results_max_age_s: float = 3600.0
+    # Work that exhausted its deliveries is kept this long for inspection (0 = until deleted).
+    parked_max_age_s: float = 7 * 24 * 3600.0
+    heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 15.0
     storage_in_memory: bool = False
 
 
-class ActorSettings(msgspec.Struct, kw_only=True, frozen=True):
-    heartbeat_interval_s: float = 2.0
+class RunSettings(Settings):
+    """What ``kernelrl run`` starts and how it supervises it."""
+
+    runs_root: str = "runs"
+    # "": <runs_root>/<run id>
+    run_dir: str = ""
+    roles: tuple[str, ...] = ROLES
+    # The embedded broker's interface (0.0.0.0 lets other hosts join) and JetStream sync_interval:
+    # "always" (nothing acknowledged is lost if it is killed) or a duration such as "1s".
+    nats_listen: str = "127.0.0.1"
+    nats_sync: str = "always"
+    # A child (or the broker) restarted more than restart_budget times within restart_window_s stops the run.
+    restart_budget: int = 5
+    restart_window_s: float = 600.0
 
 
-class LoggerSettings(msgspec.Struct, kw_only=True, frozen=True):
-    log_dir: str = "runs/default/logs"
+class LoggerSettings(Settings):
+    # "": <runs_root>/<run id>/logs
+    log_dir: str = ""
     verbose: bool = False
     console: bool = True
     fetch_batch: int = 1000
@@ -56,3 +98,92 @@ class LoggerSettings(msgspec.Struct, kw_only=True, frozen=True):
     dedup_scan_bytes: int = 512 * 1024 * 1024
     dedup_capacity: int = 2_000_000
     retry_backoff_s: float = 1.0
+
+
+class WorkerLimits(Settings):
+    """What one evaluation may use (the evaluator's judge and runner processes)."""
+
+    address_space_gb: float = 24.0
+    open_files: int = 512
+    file_size_mb: int = 512
+    cpu_seconds_per_job: int = 900
+    load_time_s: float = 120.0
+    correctness_time_s: float = 300.0
+    benchmark_time_s: float = 300.0
+    jobs_per_worker: int = 200
+    max_output_mb: int = 1024  # the largest frame a runner may send the judge (the outputs of one trial)
+
+    def phase_limit(self, phase: str) -> float:
+        """Seconds the ``load``, ``correctness`` or ``benchmark`` phase may take."""
+        return {"correctness": self.correctness_time_s, "benchmark": self.benchmark_time_s}.get(phase, self.load_time_s)
+
+
+class EvaluatorSettings(Settings):
+    # "auto": one evaluator per visible GPU, or one on the CPU (Triton interpreter) without a GPU;
+    # "cpu": one CPU evaluator; "0,2": those GPUs.
+    gpus: str = "auto"
+    # A KernelBench-style directory for requests that carry no problem source ("": the built-in set).
+    problems: str = ""
+    limits: WorkerLimits = msgspec.field(default_factory=WorkerLimits)
+    work: WorkSettings = msgspec.field(default_factory=lambda: WorkSettings(ack_wait_s=600.0, max_deliver=3))
+
+
+class GeneratorSettings(Settings):
+    work: WorkSettings = msgspec.field(
+        default_factory=lambda: WorkSettings(ack_wait_s=1800.0, max_deliver=5, in_progress_interval_s=30.0)
+    )
+
+
+class LearnerSettings(Settings):
+    # A batch that crashes the learner max_deliver times is parked, not redelivered forever.
+    work: WorkSettings = msgspec.field(
+        default_factory=lambda: WorkSettings(ack_wait_s=1800.0, max_deliver=3, in_progress_interval_s=30.0)
+    )
+
+
+class CheckSettings(Settings):
+    """How a candidate is checked. ``atol``/``rtol`` unset: by output dtype (fp32 1e-4, fp16/bf16 1e-2),
+    or the problem's ``TOLERANCE``; set, they apply to every output. ``strict``: 1e-4 everywhere.
+    Travels in every ``EvalRequest``."""
+
+    atol: float | None = None
+    rtol: float | None = None
+    strict: bool = False
+    n_trials: int = 5
+    benchmark: bool = True
+    n_timed_runs: int = 100
+    time_limit_s: float = 300.0
+
+
+class RewardConfig(Settings):
+    compile_weight: float = 0.1
+    correct_weight: float = 0.3
+    speedup_cap: float = 2.0
+    gamma: float = 0.4
+    max_turns: int = 3
+    success_score: float = 1.3
+    # Interpreter (CPU) timings are not real timings: they earn no speedup reward.
+    reward_interpreter_speedup: bool = False
+
+
+class SampleSettings(Settings):
+    """The documented sample event stream that stands in for generator, buffer and learner in ``make run``."""
+
+    steps: int = 2  # 0: none; the run then waits for Ctrl-C
+    groups: int = 4
+    samples: int = 4
+    seed: int = 0
+    evals: int = 4  # built-in reference solutions (and one cheat) sent to the evaluators
+    eval_timeout_s: float = 600.0
+
+
+class Config(Settings):
+    run: RunSettings = msgspec.field(default_factory=RunSettings)
+    bus: BusSettings = msgspec.field(default_factory=BusSettings)
+    logger: LoggerSettings = msgspec.field(default_factory=LoggerSettings)
+    evaluator: EvaluatorSettings = msgspec.field(default_factory=EvaluatorSettings)
+    generator: GeneratorSettings = msgspec.field(default_factory=GeneratorSettings)
+    learner: LearnerSettings = msgspec.field(default_factory=LearnerSettings)
+    check: CheckSettings = msgspec.field(default_factory=CheckSettings)
+    reward: RewardConfig = msgspec.field(default_factory=RewardConfig)
+    sample: SampleSettings = msgspec.field(default_factory=SampleSettings)

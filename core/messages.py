@@ -16,6 +16,10 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from kernelrl.core.config import CheckSettings
+
+__all__ = ["CheckSettings"]  # part of EvalRequest; its defaults live with the rest of the configuration
+
 SCHEMA_VERSION = 1
 
 
@@ -49,19 +53,6 @@ class RolloutRequest(Message, frozen=True):
     task_type: str = "kernelbench_multiturn"
     step: int = 0
     created_at: float = 0.0
-
-
-class CheckSettings(msgspec.Struct, kw_only=True, frozen=True):
-    """How a candidate is checked. ``atol``/``rtol`` None: by output dtype (fp32 1e-4, fp16/bf16 1e-2),
-    or the problem's ``TOLERANCE``; set, they apply to every output. ``strict``: 1e-4 everywhere."""
-
-    atol: float | None = None
-    rtol: float | None = None
-    strict: bool = False
-    n_trials: int = 5
-    benchmark: bool = True
-    n_timed_runs: int = 100
-    time_limit_s: float = 300.0
 
 
 class EvalRequest(Message, frozen=True):
@@ -279,6 +270,25 @@ class Heartbeat(Message, frozen=True):
     run_id: str = ""
     started_at: float = 0.0
     counters: dict[str, int] = {}
+    gauges: dict[str, float] = {}  # current values: seconds into the current job, the last fsync's duration ...
+
+
+class WorkParked(Message, frozen=True):
+    """A work item that exhausted its deliveries (a batch that crashed the learner every time, a job no
+    evaluator finished): copied to ``parked_subject`` in the run's parked stream and removed from its queue."""
+
+    event_id: str
+    timestamp: str
+    run_id: str
+    role: str
+    consumer: str
+    stream: str
+    stream_seq: int
+    deliveries: int
+    message_type: str
+    message_id: str
+    parked_subject: str
+    created_at: float = 0.0
 
 
 # ---------------------------------------------------------------- codecs
@@ -326,6 +336,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     TrainBatch,
     PolicyUpdate,
     Heartbeat,
+    WorkParked,
 )
 
 CODECS: Mapping[str, Codec[Any]] = MappingProxyType({t.__name__: Codec(t) for t in MESSAGE_TYPES})

@@ -9,18 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import msgspec
-
-
-class RewardConfig(msgspec.Struct, kw_only=True, frozen=True):
-    compile_weight: float = 0.1
-    correct_weight: float = 0.3
-    speedup_cap: float = 2.0
-    gamma: float = 0.4
-    max_turns: int = 3
-    success_score: float = 1.3
-    # Interpreter (CPU) timings are not real timings: they earn no speedup reward.
-    reward_interpreter_speedup: bool = False
+from kernelrl.core.config import RewardConfig
 
 
 class TerminationReason:

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import msgspec
 
+from kernelrl.core.config import RunSettings
+
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 DEFAULT_RUN = "default"
-RUNS_ROOT = Path("runs")
+RUNS_ROOT = Path(RunSettings().runs_root)
 LATEST = "latest"
 URL_FILE = "nats.url"
+CONFIG_FILE = "config.toml"  # the effective configuration, written by ``kernelrl run``, read by its children
 
 
 class RunDirectory(msgspec.Struct, frozen=True):

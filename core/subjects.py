@@ -76,6 +76,17 @@ class RunSubjects(msgspec.Struct, frozen=True):
         return f"krl.{self.run}.event.eval"
 
     @property
+    def event_parked(self) -> str:
+        return f"krl.{self.run}.event.parked"
+
+    def parked(self, consumer: str) -> str:
+        return f"krl.{self.run}.parked.{consumer}"
+
+    @property
+    def parked_all(self) -> str:
+        return f"krl.{self.run}.parked.>"
+
+    @property
     def events(self) -> str:
         return f"krl.{self.run}.event.>"
 
@@ -103,6 +114,10 @@ class RunSubjects(msgspec.Struct, frozen=True):
     @property
     def results_stream(self) -> str:
         return f"KRL_{self.run}_RESULTS"
+
+    @property
+    def parked_stream(self) -> str:
+        return f"KRL_{self.run}_PARKED"
 
     # KV buckets
     @property
@@ -140,5 +155,6 @@ SUBJECT_TYPES: dict[str, type[m.Message]] = {
     "event.trajectory": m.TrajectoryEvent,
     "event.step": m.StepSummary,
     "event.eval": m.EvalSummary,
+    "event.parked": m.WorkParked,
     "batch": m.TrainBatch,
 }

@@ -17,15 +17,20 @@ import time
 
 import msgspec
 
+from kernelrl.core.config import RunSettings
+
 log = logging.getLogger(__name__)
+
+
+_RUN_DEFAULTS = RunSettings()
 
 
 class ChildSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     argv: list[str]
     restart: bool = True
-    max_restarts: int = 5
-    window_s: float = 600.0
+    max_restarts: int = _RUN_DEFAULTS.restart_budget
+    window_s: float = _RUN_DEFAULTS.restart_window_s
     backoff_s: float = 1.0
 
 

@@ -14,6 +14,7 @@ import orjson
 from kernelrl.actors.sample_events import sample_run
 from kernelrl.core import messages as m
 from kernelrl.core.bus import Bus
+from kernelrl.core.config import SampleSettings
 from kernelrl.core.nats_server import EmbeddedNatsServer
 
 from helpers import count_lines, kernelrl_cmd, small_turn, wait_for
@@ -30,7 +31,7 @@ async def run_cmd(*args: str, timeout_s: float = 60) -> tuple[int, str]:
 async def test_run_starts_embedded_nats_logs_the_sample_stream_and_exits_0(tmp_path: Path) -> None:
     code, out = await run_cmd("run", "--run-dir", str(tmp_path), "--sample-steps", "1", timeout_s=120)
     assert code == 0, out
-    expected = Counter(type(msg).__name__ for _, msg in sample_run("default", steps=1))
+    expected = Counter(type(msg).__name__ for _, msg in sample_run("default", SampleSettings(steps=1)))
     logs = tmp_path / "logs"
     assert count_lines(logs / "turns.jsonl") == expected["TurnEvent"]
     assert count_lines(logs / "trajectories.jsonl") == expected["TrajectoryEvent"]

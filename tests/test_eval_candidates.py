@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from kernelrl.actors.eval_sandbox import WorkerLimits
 from kernelrl.actors.eval_worker import EvalWorker
 from kernelrl.core import messages as m
+from kernelrl.core.config import WorkerLimits
 from kernelrl.core.problems import Problem, builtin_problems
 
 CANDIDATES = Path(__file__).parent / "candidates"

@@ -20,6 +20,7 @@ async def test_a_requester_that_was_away_gets_its_result_from_the_stream_once(
     bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:
     reply_to = bus.subjects.eval_result("gen-away")
+
     def relu_request() -> m.EvalRequest:
         return m.EvalRequest(eval_id=m.new_id(), run_id=run_id, problem_id=RELU.id, candidate_source=RELU.solution or "",
                              reply_to=reply_to)  # fmt: skip

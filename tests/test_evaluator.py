@@ -15,7 +15,8 @@ import orjson
 from kernelrl.core import messages as m
 from kernelrl.core import subjects as s
 from kernelrl.core.bus import Bus
-from kernelrl.core.config import BusSettings
+from kernelrl.core.config import BusSettings, Config, EvaluatorSettings, WorkSettings
+from kernelrl.core.consumers import ConsumerSpec, consumer_table
 from kernelrl.core.nats_server import EmbeddedNatsServer
 from kernelrl.core.problems import builtin_problems
 
@@ -51,6 +52,20 @@ def eval_request(bus: Bus, reply_to: str, candidate: str, problem_id: str = "lev
     return m.EvalRequest(
         eval_id=m.new_id(), run_id=bus.settings.run, problem_id=problem_id, candidate_source=candidate, reply_to=reply_to
     )
+
+
+def consumers_with(bus: Bus, ack_wait_s: float, max_deliver: int) -> tuple[ConsumerSpec, ...]:
+    """The run's consumer table with the evaluators' redelivery made short, for a test that kills evaluators."""
+    work = WorkSettings(ack_wait_s=ack_wait_s, max_deliver=max_deliver, in_progress_interval_s=1.0)
+    return consumer_table(Config(bus=bus.settings, evaluator=EvaluatorSettings(work=work)))
+
+
+async def wait_until_empty(bus: Bus, stream: str, timeout_s: float = 30) -> None:
+    for _ in range(int(timeout_s / 0.1)):
+        if (await bus.js.stream_info(stream)).state.messages == 0:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{stream} still holds messages")
 
 
 async def job_in_flight(bus: Bus, timeout_s: float = 60) -> None:
@@ -121,9 +136,10 @@ async def test_evaluator_killed_mid_job_the_job_is_redelivered_and_answered_once
 ) -> None:
     run_id = "kill-mid-job"
     async with EmbeddedNatsServer(tmp_path / "nats") as server:
-        bus = await Bus.connect(BusSettings(url=server.url, run=run_id, eval_ack_wait_s=4.0), name="test")
+        bus = await Bus.connect(BusSettings(url=server.url, run=run_id), name="test")
         try:
-            await bus.provision()  # the consumer now redelivers 4 s after a lost evaluator's last sign of life
+            # the consumer now redelivers 4 s after a lost evaluator's last sign of life
+            await bus.provision(consumers_with(bus, ack_wait_s=4.0, max_deliver=3))
             replies, reply_to = await listen(bus, "gen-k")
             first = start_evaluator(spawn, server.url, run_id)
             request = eval_request(bus, reply_to, SLOW_RELU)
@@ -148,10 +164,9 @@ async def test_a_job_that_exhausts_its_deliveries_is_answered_as_evaluator_lost(
 ) -> None:
     run_id = "lost"
     async with EmbeddedNatsServer(tmp_path / "nats") as server:
-        settings = BusSettings(url=server.url, run=run_id, eval_ack_wait_s=3.0, eval_max_deliver=1)
-        bus = await Bus.connect(settings, name="test")
+        bus = await Bus.connect(BusSettings(url=server.url, run=run_id), name="test")
         try:
-            await bus.provision()
+            await bus.provision(consumers_with(bus, ack_wait_s=3.0, max_deliver=1))
             replies, reply_to = await listen(bus, "gen-l")
             first = start_evaluator(spawn, server.url, run_id)
             request = eval_request(bus, reply_to, SLOW_RELU)
@@ -163,8 +178,9 @@ async def test_a_job_that_exhausts_its_deliveries_is_answered_as_evaluator_lost(
             await wait_for(lambda: len(replies.results) >= 1, 60, "the evaluator_lost answer")
             assert replies.results[0].eval_id == request.eval_id
             assert replies.results[0].error_kind == "evaluator_lost"
-            info = await bus.js.stream_info(bus.subjects.eval_stream)
-            assert info.state.messages == 0
+            await wait_until_empty(bus, bus.subjects.eval_stream)  # parked: out of the queue
+            parked = await bus.js.get_last_msg(bus.subjects.parked_stream, bus.subjects.parked(s.EVALUATORS_CONSUMER))
+            assert m.codec_for(m.EvalRequest).decode(parked.data or b"").eval_id == request.eval_id
             second.send_signal(signal.SIGTERM)
             assert second.wait(timeout=30) == 0
         finally:

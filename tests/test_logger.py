@@ -18,7 +18,7 @@ from kernelrl.actors.sample_events import sample_run
 from kernelrl.core import messages as m
 from kernelrl.core import subjects as s
 from kernelrl.core.bus import Bus
-from kernelrl.core.config import BusSettings, LoggerSettings
+from kernelrl.core.config import BusSettings, LoggerSettings, SampleSettings
 from kernelrl.core.nats_server import EmbeddedNatsServer
 
 from helpers import count_lines, small_turn, wait_for
@@ -36,7 +36,7 @@ def logger_args(url: str, run_id: str, log_dir: Path) -> list[str]:
 async def test_ten_thousand_events_are_written_exactly_once_and_sigterm_exits_0(
     bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, tmp_path: Path, spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:
-    sample = list(sample_run(run_id, steps=1, groups=2, samples=2))
+    sample = list(sample_run(run_id, SampleSettings(steps=1, groups=2, samples=2)))
     turns = [(bus.subjects.event_turn, small_turn(run_id, i)) for i in range(10_000)]
     await bus.publish_many([*turns, *sample])
     console = open(tmp_path / "console.txt", "w")
@@ -197,7 +197,7 @@ async def test_console_is_concise_by_default_and_detailed_with_verbose_env(
     bus: Bus, run_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verbose_env: str
 ) -> None:
     monkeypatch.setenv("VERBOSE", verbose_env)
-    step = next(msg for _, msg in sample_run(run_id, steps=1) if isinstance(msg, m.StepSummary))
+    step = next(msg for _, msg in sample_run(run_id, SampleSettings(steps=1)) if isinstance(msg, m.StepSummary))
     await bus.publish(bus.subjects.event_step, step)
     actor = await run_logger_until(bus, LoggerSettings(log_dir=str(tmp_path)), lambda a: a.counters["written_StepSummary"] == 1)
     text = actor.out.getvalue()  # type: ignore[attr-defined]

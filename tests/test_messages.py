@@ -43,7 +43,29 @@ EXAMPLES: list[m.Message] = [
         samples=[m.BatchSample(stream_seq=7, trajectory_id="tr1", turn_advantages=[0.3])],
     ),
     m.PolicyUpdate(version=4, path="/ckpt/v4", sha256="ab" * 32),
-    m.Heartbeat(role="logger", actor_id="l1", host="h", pid=1, state="running", updated_at=1.0, counters={"written": 3}),
+    m.Heartbeat(
+        role="logger",
+        actor_id="l1",
+        host="h",
+        pid=1,
+        state="running",
+        updated_at=1.0,
+        counters={"written": 3},
+        gauges={"last_fsync_ms": 1.5},
+    ),
+    m.WorkParked(
+        event_id="parked-learner-b1",
+        timestamp="20250807_084801_411804",
+        run_id="r",
+        role="learner",
+        consumer="learner",
+        stream="KRL_r_BATCH",
+        stream_seq=7,
+        deliveries=3,
+        message_type="TrainBatch",
+        message_id="b1",
+        parked_subject="krl.r.parked.learner",
+    ),
 ]
 
 

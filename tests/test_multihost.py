@@ -84,8 +84,14 @@ async def test_a_second_run_process_joins_with_only_an_evaluator_and_answers_rea
 
 
 def test_joining_another_hosts_broker_needs_the_run_id(tmp_path: Path) -> None:
-    done = subprocess.run(kernelrl_cmd("run", "--nats", "nats://127.0.0.1:9", "--roles", "evaluator"), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60, env=command_env())
+    done = subprocess.run(
+        kernelrl_cmd("run", "--nats", "nats://127.0.0.1:9", "--roles", "evaluator"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=command_env(),
+    )
     assert done.returncode == 2 and "--run ID" in done.stderr
 
 

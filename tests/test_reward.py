@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from kernelrl.core.config import RewardConfig
 from kernelrl.core.reward import (
-    RewardConfig,
     TerminationReason,
     discounted_returns,
     group_advantages,
