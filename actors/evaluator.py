@@ -29,7 +29,7 @@ from kernelrl.actors.eval_worker import EvalWorker
 from kernelrl.core import messages as m
 from kernelrl.core import subjects as s
 from kernelrl.core.actor import default_actor_id
-from kernelrl.core.bus import Bus
+from kernelrl.core.bus import Bus, Delivery
 from kernelrl.core.config import Config, EvaluatorSettings
 from kernelrl.core.consumers import consumer_for
 from kernelrl.core.problems import ProblemSet
@@ -84,10 +84,15 @@ class EvaluatorActor:
         """Shutdown mid-job: killing the worker unblocks the evaluation thread; the job goes to another evaluator."""
         await asyncio.to_thread(self.worker.stop)
 
-    async def _evaluate(self, request: m.EvalRequest) -> Outcome:
+    async def _evaluate(self, delivery: Delivery[m.EvalRequest]) -> Outcome:
+        request = delivery.msg
         if not s.publishable_subject(request.reply_to):
             self.counters["bad_request"] += 1
             raise Reject(f"eval request {request.eval_id} has reply_to {request.reply_to!r}, which cannot be published to")
+        if self.bus.subjects.type_for(request.reply_to) not in (None, m.EvalResult):
+            self.counters["bad_request"] += 1
+            raise Reject(f"eval request {request.eval_id} has reply_to {request.reply_to!r}, a subject of this run that "
+                         "does not carry eval results")  # fmt: skip
         request = self._with_problem_source(request)
         result = await asyncio.to_thread(self.worker.evaluate, request)
         result = msgspec.structs.replace(result, evaluator_id=self.actor_id)

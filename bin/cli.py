@@ -6,12 +6,13 @@ import argparse
 import sys
 from types import ModuleType
 
-from kernelrl.bin import check, evaluator, logger, run, sample_events, server, status, tap
+from kernelrl.bin import check, evaluator, generator, logger, run, sample_events, server, status, tap
 from kernelrl.bin.common import run_command
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "run": (run, "the whole system on this machine (embedded NATS unless --nats)"),
     "server": (server, "only the broker (embedded nats-server), for runs across hosts and NATS clusters"),
+    "generator": (generator, "the generator role: multi-turn kernel dialogues with a vllm, openai, hf or replay backend"),
     "evaluator": (evaluator, "the evaluator role: compile, check and time candidates on one GPU or the CPU"),
     "logger": (logger, "the logger role: JSONL logs and console summaries"),
     "check": (check, "the evaluator's verdict on one candidate, without NATS"),

@@ -24,7 +24,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from kernelrl.core.config import Config
-from kernelrl.core.config_file import ConfigError, config_toml, load_config
+from kernelrl.core.config_file import ConfigError, config_toml, load_config, validate
 from kernelrl.core.run_dirs import resolve_nats_url, resolve_run_id
 
 
@@ -75,12 +75,14 @@ def config_from_arguments(args: argparse.Namespace) -> Config:
     config = load_config(args.config_file, args.config_sets, named)
     if getattr(args, "resolve_bus", False):
         root = Path(config.run.runs_root)
-        bus = msgspec.structs.replace(
-            config.bus,
-            url=config.bus.url or resolve_nats_url(None, root)[0],
-            run=config.bus.run or resolve_run_id(None, root),
-        )
-        config = msgspec.structs.replace(config, bus=bus)
+        url, run = config.bus.url or resolve_nats_url(None, root)[0], config.bus.run or resolve_run_id(None, root)
+    else:  # ``kernelrl run``: unset means "start a broker" and "a new run", unless the environment names them
+        url, run = config.bus.url or os.environ.get("KRL_NATS", ""), config.bus.run or os.environ.get("KRL_RUN", "")
+    config = msgspec.structs.replace(config, bus=msgspec.structs.replace(config.bus, url=url, run=run))
+    try:
+        validate(config)  # the run id from the environment too
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (from the environment or the latest run)") from None
     return config
 
 

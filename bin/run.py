@@ -24,7 +24,9 @@ from pathlib import Path
 
 import msgspec
 import nats.errors
+import orjson
 
+from kernelrl.actors.rollouts import rollout_requests
 from kernelrl.bin.common import add_config_arguments, add_setting_flag, command_main
 from kernelrl.core import subjects as s
 from kernelrl.core.bus import Bus
@@ -92,11 +94,23 @@ async def logger_caught_up(bus: Bus) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
+def settled_requests(log_dir: Path, ids: set[str]) -> set[str]:
+    """Which of ``ids`` have a trajectory (or were parked) in the run's logs."""
+    done: set[str] = set()
+    for name, field in (("trajectories.jsonl", "request_id"), ("parked.jsonl", "message_id")):
+        with contextlib.suppress(FileNotFoundError):
+            for line in (log_dir / name).read_bytes().splitlines():
+                with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                    value = orjson.loads(line).get(field)
+                    if value in ids:
+                        done.add(value)
+    return done
+
+
 async def amain(args: argparse.Namespace) -> int:
     config: Config = args.config
     roles = config.run.roles
-    url = config.bus.url or os.environ.get("KRL_NATS") or ""
-    run_id = config.bus.run or os.environ.get("KRL_RUN") or ""
+    url, run_id = config.bus.url, config.bus.run  # flags, --set, the file, then $KRL_NATS / $KRL_RUN
     if url and not run_id:
         print("kernelrl run: --run ID is needed to join a run on another broker (--nats)", file=sys.stderr)
         return 2
@@ -130,11 +144,11 @@ async def amain(args: argparse.Namespace) -> int:
             bus=msgspec.structs.replace(config.bus, url=url, run=run_id),
             logger=msgspec.structs.replace(config.logger, log_dir=str(log_dir.resolve())),
         )
-        config_path = run_dir / CONFIG_FILE
-        config_path.write_text(config_toml(config))
         bus = await Bus.connect(config.bus, name="kernelrl-run")
         stack.push_async_callback(bus.close)
         await bus.provision(consumer_table(config))
+        config_path = run_dir / CONFIG_FILE  # once the run is provisioned as it says
+        config_path.write_text(config_toml(config))
         common = ["--config", str(config_path), "--log-level", args.log_level]
 
         def child(name: str, command: str, *extra: str, restart: bool = True) -> ChildSpec:
@@ -151,6 +165,11 @@ async def amain(args: argparse.Namespace) -> int:
             if not gpus:
                 specs.append(child("evaluator-cpu", "evaluator"))
             log.info("evaluators: %s", ", ".join(f"GPU {g}" for g in gpus) or "one on the CPU (Triton interpreter)")
+        if "generator" in roles:
+            specs.append(child("generator", "generator"))
+            log.info(
+                "generator: backend %s, model %s", config.generator.backend, config.generator.model or "SmolLM2-135M (bundled)"
+            )
         sample_steps = config.sample.steps
         if "sample" not in roles or "logger" not in roles:  # the sample stream ends once the logger has it all
             sample_steps = 0
@@ -169,9 +188,28 @@ async def amain(args: argparse.Namespace) -> int:
                     return
                 await asyncio.sleep(0.2)
 
+        async def rollouts_then_finish() -> None:
+            if "rollouts" not in roles:
+                return
+            requests = rollout_requests(run_id, config.rollout, config.reward)
+            await bus.publish_many((bus.subjects.rollout_request, r) for r in requests)
+            log.info("published %d rollout requests (%s × %d samples)", len(requests), ", ".join(config.rollout.problems),
+                     config.rollout.n_samples)  # fmt: skip
+            if "logger" not in roles:
+                return  # the logger runs elsewhere: this run cannot see the trajectories land, so it runs until Ctrl-C
+            ids = {r.request_id for r in requests}
+            while not stopping.is_set():
+                done = settled_requests(log_dir, ids)
+                if len(done) == len(ids) and await logger_caught_up(bus):
+                    log.info("all %d dialogues are in %s", len(ids), log_dir / "trajectories.jsonl")
+                    stopping.set()
+                    return
+                await asyncio.sleep(1.0)
+
         async with asyncio.TaskGroup() as tg:
             supervised = tg.create_task(supervisor.run(stopping))
             tg.create_task(finish_when_sample_logged())
+            tg.create_task(rollouts_then_finish())
             if server is not None:
                 tg.create_task(server.supervise(stopping, budget, gave_up))
         codes = supervised.result()

@@ -16,8 +16,11 @@ import sys
 from pathlib import Path
 
 from kernelrl.bin.common import command_main
+from kernelrl.core.config import RunSettings
 from kernelrl.core.nats_server import NATS_PORT, ClusterSettings, EmbeddedNatsServer
 from kernelrl.core.supervisor import RestartBudget
+
+RUN_DEFAULTS = RunSettings()  # the broker restarts and syncs like the embedded one of ``kernelrl run``
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-listen", default="0.0.0.0:6222", help="route address, HOST:PORT (default %(default)s)")
     parser.add_argument("--routes", default="", help="the other nodes' routes, comma-separated nats-route://HOST:PORT")
     parser.add_argument("--domain", default=None, help="JetStream domain")
-    parser.add_argument("--nats-sync", default="always", help="JetStream sync_interval (see kernelrl run --help)")
+    parser.add_argument("--nats-sync", default=RUN_DEFAULTS.nats_sync, help="JetStream sync_interval (see kernelrl run --help)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -60,7 +63,8 @@ async def amain(args: argparse.Namespace) -> int:
     async with server:
         where = f"cluster {args.cluster}, " if cluster else ""
         print(f"kernelrl server: NATS at {server.url} ({where}store {server.store_dir}); Ctrl-C stops", flush=True)
-        await server.supervise(stopping, RestartBudget(5, 600.0), gave_up)
+        budget = RestartBudget(RUN_DEFAULTS.restart_budget, RUN_DEFAULTS.restart_window_s)
+        await server.supervise(stopping, budget, gave_up)
     if gave_up:
         print(f"kernelrl server: stopped because nats-server {gave_up['nats-server']}", file=sys.stderr)
         return 1

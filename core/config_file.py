@@ -6,6 +6,7 @@ Every error is one ``ConfigError`` naming the key (``logger.fsync_interval_s: ex
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -14,7 +15,8 @@ from typing import Any
 
 import msgspec
 
-from kernelrl.core.config import ROLES, Config, WorkSettings
+from kernelrl.core.config import BACKENDS, ROLES, Config, WorkSettings
+from kernelrl.core.subjects import RUN_ID
 
 
 class ConfigError(ValueError):
@@ -30,11 +32,28 @@ def parse_value(raw: str) -> Any:
 
 
 def parse_assignment(text: str) -> tuple[list[str], Any]:
+    """``section.key=value``; for a text key the value is the text as written (``evaluator.gpus=0`` is "0")."""
     key, sep, raw = text.partition("=")
     path = [part.strip() for part in key.split(".")]
     if not sep or len(path) < 2 or not all(path):
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. logger.verbose=true")
-    return path, parse_value(raw.strip())
+    value = parse_value(raw.strip())
+    if not isinstance(value, str) and isinstance(field_type(path), msgspec.inspect.StrType):
+        value = raw.strip()
+    return path, value
+
+
+def field_type(path: list[str]) -> msgspec.inspect.Type | None:
+    """The declared type of the key at ``path`` in ``Config``, or None if there is no such key."""
+    info: msgspec.inspect.Type = msgspec.inspect.type_info(Config)
+    for part in path:
+        if not isinstance(info, msgspec.inspect.StructType):
+            return None
+        fields = {f.name: f.type for f in info.fields}
+        if part not in fields:
+            return None
+        info = fields[part]
+    return info
 
 
 def set_key(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -71,6 +90,7 @@ def check_keys(data: Mapping[str, Any], struct_type: type[msgspec.Struct], prefi
             check_keys(value, nested.cls, f"{name}.")
 
 
+GPUS = re.compile(r"^(auto|cpu|[0-9A-Za-z-]+(,[0-9A-Za-z-]+)*)$")
 _VALIDATION = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
 
 
@@ -96,13 +116,38 @@ def validate(config: Config) -> None:
     for key, work in works.items():
         if work.max_deliver < 1:
             raise ConfigError(f"{key}.max_deliver: must be at least 1 (a bounded number of deliveries), got {work.max_deliver}")
-        if not 0 < work.in_progress_interval_s < work.ack_wait_s:
+        if not 0 < work.in_progress_interval_s <= work.ack_wait_s / 2:
             raise ConfigError(
-                f"{key}.in_progress_interval_s: must be positive and below {key}.ack_wait_s ({work.ack_wait_s}), "
+                f"{key}.in_progress_interval_s: must be positive and at most half of {key}.ack_wait_s ({work.ack_wait_s}), "
                 f"got {work.in_progress_interval_s}"
             )
+        for name in ("fetch_timeout_s", "ack_wait_s"):
+            if not getattr(work, name) > 0:
+                raise ConfigError(f"{key}.{name}: must be positive, got {getattr(work, name)}")
     if config.bus.replicas < 1:
         raise ConfigError(f"bus.replicas: must be at least 1, got {config.bus.replicas}")
+    if config.bus.run and not RUN_ID.match(config.bus.run):
+        raise ConfigError(f"bus.run: {config.bus.run!r} is not a run id: use 1-64 letters, digits, '_' or '-'")
+    positive = {
+        "bus.heartbeat_interval_s": config.bus.heartbeat_interval_s,
+        "bus.publish_deadline_s": config.bus.publish_deadline_s,
+        "bus.connect_timeout_s": config.bus.connect_timeout_s,
+        "logger.fsync_interval_s": config.logger.fsync_interval_s,
+        "logger.fetch_timeout_s": config.logger.fetch_timeout_s,
+        "generator.concurrency": config.generator.concurrency,
+        "generator.eval_timeout_s": config.generator.eval_timeout_s,
+        "generator.sampling.max_new_tokens": config.generator.sampling.max_new_tokens,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if not GPUS.match(config.evaluator.gpus):
+        raise ConfigError(f"evaluator.gpus: {config.evaluator.gpus!r}: use auto, cpu, or GPU indices such as 0,2")
+    if config.generator.backend not in BACKENDS:
+        raise ConfigError(f"generator.backend: {config.generator.backend!r}: choose from {', '.join(BACKENDS)}")
+    for key, value in (("check.atol", config.check.atol), ("check.rtol", config.check.rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key}: must be a finite number ≥ 0, got {value}")
     if config.run.restart_budget < 0:
         raise ConfigError(f"run.restart_budget: must not be negative, got {config.run.restart_budget}")
 

@@ -40,9 +40,8 @@ class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _work(role: str, stream: str, durable: str, work: WorkSettings) -> ConsumerSpec:
-    # one message per fetch per instance, so 1000 outstanding is far more than the instances of a role
     return ConsumerSpec(role=role, stream=stream, durable=durable, ack_wait_s=work.ack_wait_s, max_deliver=work.max_deliver,
-                        max_ack_pending=1000, filter_subject=None)  # fmt: skip
+                        max_ack_pending=work.max_ack_pending, filter_subject=None)  # fmt: skip
 
 
 def consumer_table(config: Config) -> tuple[ConsumerSpec, ...]:

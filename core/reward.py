@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 
 from kernelrl.core.config import RewardConfig
+from kernelrl.core.messages import EvalResult
 
 
 class TerminationReason:
@@ -23,6 +24,13 @@ def turn_score(compiled: bool, correct: bool, speedup: float, config: RewardConf
     if correct and math.isfinite(speedup):
         score += min(max(speedup - 1.0, 0.0), config.speedup_cap)
     return score
+
+
+def result_score(result: EvalResult, config: RewardConfig) -> float:
+    """The score of one evaluated turn. An interpreter (CPU) timing is not a real timing: its speedup counts
+    only with ``reward_interpreter_speedup``."""
+    speedup = result.speedup if (config.reward_interpreter_speedup or not result.interpreter) else 0.0
+    return turn_score(result.compiled, result.correctness, speedup, config)
 
 
 def discounted_returns(scores: Sequence[float], gamma: float) -> list[float]:
@@ -43,6 +51,14 @@ def termination_reason(scores: Sequence[float], config: RewardConfig) -> str | N
     if len(scores) >= config.max_turns:
         return TerminationReason.MAX_TURNS
     return None
+
+
+def dialogue_termination(results: Sequence[EvalResult], scores: Sequence[float], config: RewardConfig) -> str | None:
+    """``termination_reason``, and one rule for timings that earn nothing: a correct kernel timed on the CPU
+    interpreter (speedup not rewarded) has reached the best score this device can give, so it is a success."""
+    if results and results[-1].correctness and results[-1].interpreter and not config.reward_interpreter_speedup:
+        return TerminationReason.SUCCESS
+    return termination_reason(scores, config)
 
 
 def group_advantages(returns: Sequence[float], normalize_std: bool = True, eps: float = 1e-6) -> list[float]:

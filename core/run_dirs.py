@@ -1,10 +1,11 @@
 """Where a run lives on disk, and how commands find a run and its broker without being told.
 
 Each ``kernelrl run`` gets a fresh, readable, time-based run id (``20261124-071530``) and its own directory
-``runs/<id>/`` (NATS store, logs, the broker's URL in ``nats.url``); ``runs/latest`` points at the newest.
-``--run ID`` continues that run on purpose. Commands resolve the broker in this order: ``--nats``,
-``$KRL_NATS``, the latest local run's ``nats.url``, then ``nats://127.0.0.1:4222`` (the NATS convention);
-the run id likewise: ``--run``, ``$KRL_RUN``, the latest local run, then ``default``.
+``runs/<id>/`` (NATS store, logs, the broker's URL in ``nats.url``, the effective ``config.toml``);
+``runs/latest`` points at the newest. ``--run ID`` continues that run on purpose. Commands resolve the broker
+in this order: the configuration (``--nats``, ``--set bus.url=…``, the ``--config`` file), ``$KRL_NATS``, the
+latest local run's ``nats.url``, then ``nats://127.0.0.1:4222`` (the NATS convention); the run id likewise:
+``bus.run``, ``$KRL_RUN``, the latest local run, then ``default``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import msgspec
 
 from kernelrl.core import messages as m
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PUBLISHABLE_TOKEN = re.compile(r"^[!-~]+$")  # printable ASCII, no spaces
 
 
@@ -30,7 +30,7 @@ class RunSubjects(msgspec.Struct, frozen=True):
     run: str
 
     def __post_init__(self) -> None:
-        if not _RUN_ID.match(self.run):
+        if not RUN_ID.match(self.run):
             raise ValueError(
                 f"run id {self.run!r} is not valid: use 1-64 letters, digits, '_' or '-' "
                 "(it becomes part of subject, stream and bucket names)"

@@ -28,7 +28,7 @@ import orjson
 from nats.aio.msg import Msg
 
 from kernelrl.core import messages as m
-from kernelrl.core.bus import MSG_ID_HEADER, TYPE_HEADER, Bus, Delivery
+from kernelrl.core.bus import MSG_ID_HEADER, TYPE_HEADER, Bus, Delivery, PullConsumer
 from kernelrl.core.config import WorkSettings
 from kernelrl.core.consumers import ConsumerSpec
 
@@ -39,6 +39,7 @@ T = TypeVar("T", bound=m.Message)
 Outcome = Sequence[tuple[str, m.Message]]
 
 PARKED_FROM_HEADER = "Krl-Parked-From"
+PARK_ATTEMPTS = 5
 DELIVERIES_HEADER = "Krl-Deliveries"
 
 
@@ -56,7 +57,8 @@ def max_deliveries_advisory(stream: str, durable: str) -> str:
 
 
 class WorkLoop(Generic[T]):
-    """One role instance's loop over its work consumer. ``owner.state`` is ``busy_state`` while a job runs."""
+    """One role instance's loop over its work consumer. ``handle`` gets each decoded delivery (its message, and
+    ``attempt``: which delivery this is) and must not settle it. ``owner.state`` is ``busy_state`` while a job runs."""
 
     def __init__(
         self,
@@ -64,7 +66,7 @@ class WorkLoop(Generic[T]):
         spec: ConsumerSpec,
         work: WorkSettings,
         owner: WorkOwner,
-        handle: Callable[[T], Awaitable[Outcome]],
+        handle: Callable[[Delivery[T]], Awaitable[Outcome]],
         *,
         busy_state: str = "working",
         interrupt: Callable[[], Awaitable[None]] | None = None,
@@ -80,36 +82,59 @@ class WorkLoop(Generic[T]):
         self.interrupt = interrupt  # unblocks a handler stuck in blocking work (the evaluator kills its worker)
         self.on_undecodable = on_undecodable
         self.on_exhausted = on_exhausted  # extra outcomes for a parked message (the evaluator: "evaluator_lost")
-        self._busy_since: float | None = None
+        self._busy: dict[int, float] = {}  # job (delivery id) -> when it started
         self._last_job_s = 0.0
+        self._in_progress_interval_s = work.in_progress_interval_s
 
     def gauges(self) -> dict[str, float]:
-        """``job_s``: seconds into the current job (0 when idle); ``last_job_s``: how long the last one took."""
-        busy = time.monotonic() - self._busy_since if self._busy_since is not None else 0.0
-        return {"job_s": round(busy, 3), "last_job_s": round(self._last_job_s, 3)}
+        """``job_s``: seconds into the oldest job in hand (0 when idle); ``jobs_in_hand``; ``last_job_s``: how long
+        the last one took."""
+        now = time.monotonic()
+        oldest = now - min(self._busy.values()) if self._busy else 0.0
+        return {"job_s": round(oldest, 3), "jobs_in_hand": float(len(self._busy)), "last_job_s": round(self._last_job_s, 3)}
 
-    async def run(self, stopping: asyncio.Event, ready: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Listen for exhausted messages, run ``ready`` (a slow start-up), then pull until ``stopping``."""
+    async def run(self, stopping: asyncio.Event, ready: Callable[[], Awaitable[None]] | None = None, slots: int = 1) -> None:
+        """Listen for exhausted messages, run ``ready`` (a slow start-up), then pull until ``stopping``, with up to
+        ``slots`` jobs in hand at once (one pull subscription each, so a slow job never holds up another)."""
         advisories = await self.bus.nc.subscribe(
             max_deliveries_advisory(self.spec.stream, self.spec.durable),
             queue=f"krl-park-{self.spec.stream}-{self.spec.durable}",  # one instance parks each message
             cb=self._on_max_deliveries,
         )
-        consumer = None
+        consumers: list[PullConsumer[T]] = []
         try:
             if ready is not None:
                 await ready()
-            consumer = await self.bus.pull(self.spec.stream, self.spec.durable)
-            consumer.on_undecodable = self._undecodable
+            await self._check_ack_wait()
+            for _ in range(slots):
+                consumers.append(await self.bus.pull(self.spec.stream, self.spec.durable))
+                consumers[-1].on_undecodable = self._undecodable
             self.owner.state = "idle"
-            while not stopping.is_set():
-                for delivery in await consumer.fetch(1, self.work.fetch_timeout_s):
-                    await self.process(delivery, stopping)
+            async with asyncio.TaskGroup() as tg:
+                for consumer in consumers:
+                    tg.create_task(self._pull(consumer, stopping))
         finally:
-            with contextlib.suppress(nats.errors.Error):
-                await advisories.unsubscribe()
-            if consumer is not None:
+            for consumer in consumers:
                 await consumer.close()
+            # drain, not unsubscribe: a park under way finishes (unsubscribe would cancel it halfway)
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await asyncio.wait_for(advisories.drain(), self.bus.settings.publish_deadline_s)
+
+    async def _check_ack_wait(self) -> None:
+        """The consumer keeps the ack_wait it was created with (a continued run, another host's configuration):
+        mark jobs in progress often enough for that one, not only for this process's configuration."""
+        info = await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
+        ack_wait = info.config.ack_wait or self.spec.ack_wait_s
+        if self.work.in_progress_interval_s > ack_wait / 2:
+            self._in_progress_interval_s = ack_wait / 3
+            log.warning("%s: consumer %s has ack_wait %.1fs (this configuration: %.1fs); marking jobs in progress every "
+                        "%.1fs", self.spec.role, self.spec.durable, ack_wait, self.spec.ack_wait_s,
+                        self._in_progress_interval_s)  # fmt: skip
+
+    async def _pull(self, consumer: PullConsumer[T], stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            for delivery in await consumer.fetch(1, self.work.fetch_timeout_s):
+                await self.process(delivery, stopping)
 
     async def _undecodable(self, raw: Msg, reason: str) -> None:
         self.owner.counters["undecodable"] += 1
@@ -118,13 +143,14 @@ class WorkLoop(Generic[T]):
 
     async def process(self, delivery: Delivery[T], stopping: asyncio.Event) -> None:
         """One message, settled exactly once: acked after its outcome is published, or released, or terminated."""
+        key = id(delivery)
+        self._busy[key] = time.monotonic()
         self.owner.state = self.busy_state
-        self._busy_since = time.monotonic()
-        job = asyncio.ensure_future(self.handle(delivery.msg))
+        job = asyncio.ensure_future(self.handle(delivery))
         stop_wait = asyncio.ensure_future(stopping.wait())
         try:
             while not job.done():
-                await asyncio.wait({job, stop_wait}, timeout=self.work.in_progress_interval_s,
+                await asyncio.wait({job, stop_wait}, timeout=self._in_progress_interval_s,
                                    return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
                 if job.done():
                     break
@@ -132,11 +158,13 @@ class WorkLoop(Generic[T]):
                     await self._release(delivery, job)
                     return
                 await self._settle("in_progress", delivery.in_progress())
+        except asyncio.CancelledError:
+            job.cancel()  # never leave a job running with nobody to settle it (it returns after ack_wait)
+            raise
         finally:
             stop_wait.cancel()
-            self._last_job_s = time.monotonic() - self._busy_since
-            self._busy_since = None
-            self.owner.state = "idle"
+            self._last_job_s = time.monotonic() - self._busy.pop(key)
+            self.owner.state = self.busy_state if self._busy else "idle"
         try:
             outcome = job.result()
         except Reject as exc:
@@ -152,8 +180,17 @@ class WorkLoop(Generic[T]):
             self.owner.counters["failed"] += 1
             await self._settle("nak", delivery.nak(self.work.retry_delay_s))
             return
-        for subject, msg in outcome:
-            await self.bus.publish_outcome(subject, msg)
+        try:
+            for subject, msg in outcome:
+                await self.bus.publish_outcome(subject, msg)
+        except (nats.errors.Error, TimeoutError) as exc:
+            # Not acked: the job comes back and is done again; outcomes carry ids derived from the job, so a
+            # reader (the logger, an eval inbox) keeps one copy of each.
+            log.error("%s: the outcome of %s %s could not be published (%r); it comes back in %.1fs", self.spec.role,
+                      type(delivery.msg).__name__, m.message_id(delivery.msg), exc, self.work.retry_delay_s)  # fmt: skip
+            self.owner.counters["publish_failed"] += 1
+            await self._settle("nak", delivery.nak(self.work.retry_delay_s))
+            return
         await self._settle("ack", delivery.ack())
         self.owner.counters["done"] += 1
 
@@ -163,14 +200,13 @@ class WorkLoop(Generic[T]):
             await self.interrupt()
         else:
             job.cancel()
-        with contextlib.suppress(BaseException):
-            await job
+        await asyncio.wait({job})  # its result or error does not matter now; our own cancellation still propagates
         await self._settle("nak", delivery.nak(self.work.release_delay_s))
         self.owner.counters["released"] += 1
 
     async def _settle(self, what: str, call: Awaitable[None]) -> None:
-        """A failed ack/nak/in-progress is not fatal: the message comes back after ack_wait, and outcomes are
-        published with their own ids, so doing a job twice stores its outcome once."""
+        """A failed ack/nak/in-progress is not fatal: the message comes back after ack_wait and the job is done
+        again; its outcomes carry ids derived from the job, so readers (the logger, an eval inbox) keep one copy."""
         try:
             await call
         except (nats.errors.Error, TimeoutError) as exc:
@@ -185,11 +221,16 @@ class WorkLoop(Generic[T]):
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             log.error("%s: max-deliveries advisory not understood: %r", self.spec.role, exc)
             return
-        try:
-            await self.park(seq, deliveries)
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.error("%s: message %d of %s exhausted its deliveries but could not be parked: %r", self.spec.role, seq,
-                      self.spec.stream, exc)  # fmt: skip
+        # The server says so once: retry until parked (each step is idempotent), or give up loudly.
+        for attempt in range(1, PARK_ATTEMPTS + 1):
+            try:
+                await self.park(seq, deliveries)
+                return
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.error("%s: message %d of %s exhausted its deliveries; parking it failed (attempt %d of %d): %r",
+                          self.spec.role, seq, self.spec.stream, attempt, PARK_ATTEMPTS, exc)  # fmt: skip
+                await asyncio.sleep(min(2.0**attempt, 30.0))
+        self.owner.counters["park_failed"] += 1
 
     async def park(self, seq: int, deliveries: int) -> None:
         """Copy stream message ``seq`` to the parked stream, announce it, publish the role's outcomes for it, and only

@@ -29,7 +29,9 @@ async def run_cmd(*args: str, timeout_s: float = 60) -> tuple[int, str]:
 
 
 async def test_run_starts_embedded_nats_logs_the_sample_stream_and_exits_0(tmp_path: Path) -> None:
-    code, out = await run_cmd("run", "--run-dir", str(tmp_path), "--sample-steps", "1", timeout_s=120)
+    code, out = await run_cmd(
+        "run", "--run-dir", str(tmp_path), "--roles", "logger,evaluator,sample", "--sample-steps", "1", timeout_s=120
+    )
     assert code == 0, out
     expected = Counter(type(msg).__name__ for _, msg in sample_run("default", SampleSettings(steps=1)))
     logs = tmp_path / "logs"

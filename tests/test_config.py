@@ -43,13 +43,23 @@ def error_of(*args: object, **kwargs: object) -> str:
         ('[run]\nroles = ["logger", "generatr"]\n', "run.roles", "generatr"),
         ("logger = 3\n", "logger", "expected `object`, got `int`"),
         ("[learner.work]\nmax_deliver = 0\n", "learner.work.max_deliver", "at least 1"),
-        ("[evaluator.work]\nin_progress_interval_s = 900\n", "evaluator.work.in_progress_interval_s", "below"),
+        ("[evaluator.work]\nin_progress_interval_s = 400\n", "evaluator.work.in_progress_interval_s", "at most half"),
+        ('[bus]\nrun = "a.b"\n', "bus.run", "not a run id"),
+        ("[bus]\nheartbeat_interval_s = 0\n", "bus.heartbeat_interval_s", "must be positive"),
+        ('[evaluator]\ngpus = "0;1"\n', "evaluator.gpus", "GPU indices"),
+        ('[generator]\nbackend = "tgi"\n', "generator.backend", "choose from"),
     ],
 )
 def test_a_bad_file_is_one_error_naming_the_key(tmp_path: Path, text: str, key: str, says: str) -> None:
     message = error_of(write(tmp_path, text))
     assert message.startswith(f"{key}:"), message
     assert says in message
+
+
+def test_a_text_key_set_on_the_command_line_keeps_its_text() -> None:
+    config = load_config(sets=["evaluator.gpus=0", "bus.run=42", "bus.url=nats://h:4222", "evaluator.limits.load_time_s=3"])
+    assert (config.evaluator.gpus, config.bus.run, config.bus.url) == ("0", "42", "nats://h:4222")
+    assert config.evaluator.limits.load_time_s == 3.0
 
 
 def test_set_and_named_flags_are_checked_like_the_file() -> None:

@@ -19,8 +19,9 @@ from helpers import children_of, command_env, count_lines, kernelrl_cmd, small_t
 
 
 def start_run(cwd: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(kernelrl_cmd("run", *args), cwd=cwd, env=command_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    """``kernelrl run`` with the sample event stream standing in for generator and rollouts (no model)."""
+    argv = kernelrl_cmd("run", "--roles", "logger,evaluator,sample", *args)
+    return subprocess.Popen(argv, cwd=cwd, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def command(cwd: Path, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:

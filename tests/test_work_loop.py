@@ -17,7 +17,7 @@ import pytest
 from kernelrl.core import messages as m
 from kernelrl.core import subjects as s
 from kernelrl.core.actor import decode_heartbeat, run_actor
-from kernelrl.core.bus import MSG_ID_HEADER, TYPE_HEADER, Bus
+from kernelrl.core.bus import MSG_ID_HEADER, TYPE_HEADER, Bus, Delivery
 from kernelrl.core.config import BusSettings, Config, LearnerSettings, WorkSettings
 from kernelrl.core.consumers import consumer_for, consumer_table
 from kernelrl.core.nats_server import EmbeddedNatsServer
@@ -93,7 +93,8 @@ async def test_a_batch_that_fails_every_time_is_parked_after_max_deliver_and_the
     owner = Learnerish()
     attempts = Counter[str]()
 
-    async def train(b: m.TrainBatch) -> Outcome:
+    async def train(d: Delivery[m.TrainBatch]) -> Outcome:
+        b = d.msg
         attempts[b.batch_id] += 1
         if b.batch_id == "poisoned":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -177,13 +178,15 @@ async def test_shutdown_mid_job_releases_it_to_another_instance_which_publishes_
     first, second = Learnerish(), Learnerish()
     started = asyncio.Event()
 
-    async def stuck(b: m.TrainBatch) -> Outcome:
+    async def stuck(d: Delivery[m.TrainBatch]) -> Outcome:
+        b = d.msg
         first.seen.append(b.batch_id)
         started.set()
         await asyncio.Event().wait()  # never finishes by itself
         return []
 
-    async def train(b: m.TrainBatch) -> Outcome:
+    async def train(d: Delivery[m.TrainBatch]) -> Outcome:
+        b = d.msg
         second.seen.append(b.batch_id)
         summary = m.StepSummary(event_id=f"step-{b.batch_id}", step=b.step, run_id=run_id)
         return [(bus.subjects.event_step, summary)]
@@ -209,7 +212,8 @@ async def test_rejected_and_undecodable_work_is_terminated_not_retried(bus: Bus,
     owner = Learnerish()
     calls = Counter[str]()
 
-    async def train(b: m.TrainBatch) -> Outcome:
+    async def train(d: Delivery[m.TrainBatch]) -> Outcome:
+        b = d.msg
         calls[b.batch_id] += 1
         if not b.samples:
             raise Reject("a batch with no samples")
@@ -246,7 +250,7 @@ class BlockingTrainer:
     def gauges(self) -> dict[str, float]:
         return self.loop.gauges()
 
-    async def train(self, b: m.TrainBatch) -> Outcome:
+    async def train(self, d: Delivery[m.TrainBatch]) -> Outcome:
         self.counters["batches"] += 1
         await asyncio.to_thread(time.sleep, 10.0)
         return []
@@ -294,3 +298,34 @@ async def test_heartbeats_continue_through_a_blocking_10s_task_and_the_job_is_no
     assert job_s == sorted(job_s) and job_s[-1] >= 8.0  # a float gauge that moves while the job runs
     assert actors[0].counters["batches"] == 1  # kept in progress past ack_wait (3 s): never redelivered
     assert info.num_redelivered == 0 and info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_an_outcome_that_cannot_be_published_is_not_acked_and_the_job_comes_back(
+    nats_server: EmbeddedNatsServer, run_id: str
+) -> None:
+    """The outcome is larger than the run's streams accept: JetStream refuses it, so the job must not be acked."""
+    bus = await Bus.connect(BusSettings(url=nats_server.url, run=run_id, max_msg_size=4096), name="test")
+    try:
+        config = await provisioned(bus, FAST_RETRY)
+        owner = Learnerish()
+        attempts: list[int] = []
+
+        async def train(d: Delivery[m.TrainBatch]) -> Outcome:
+            attempts.append(d.attempt)
+            notes = "x" * (8192 if d.attempt == 1 else 16)  # too big on the first try only
+            turn = m.TurnEvent(event_id=f"turn-{d.msg.batch_id}", timestamp="t", instance_id="p", turn_idx=0,
+                               turn_data=m.TurnData(response=notes))  # fmt: skip
+            return [(bus.subjects.event_turn, turn)]
+
+        await bus.publish(bus.subjects.batch, batch(run_id, "big"))
+        stopping = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(WorkLoop(bus, consumer_for(config, "learner"), FAST_RETRY, owner, train).run(stopping))
+            await wait_for(lambda: owner.counters["done"] == 1, 30, "the job done on its second delivery")
+            stopping.set()
+        assert attempts == [1, 2] and owner.counters["publish_failed"] == 1
+        turns = await events_of(bus, m.TurnEvent)
+        assert [e.event_id for e in turns] == ["turn-big"]  # type: ignore[attr-defined]
+        assert (await bus.js.stream_info(bus.subjects.batch_stream)).state.messages == 0
+    finally:
+        await bus.close()
