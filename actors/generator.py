@@ -133,14 +133,18 @@ class GeneratorActor:
         turns: list[Turn] = []
         history: list[m.HistoryEntry] = []
         reason: str | None = None
-        while reason is None:
-            turn = await self.turn(request, delivery.attempt, problem, history)
-            turn = msgspec.structs.replace(turn, score=result_score(turn.result, reward))
-            turns.append(turn)
-            history.append(m.HistoryEntry(turn_idx=turn.idx, kernel_code=turn.code, eval_result=turn.result, reward=turn.score))
-            await self.bus.publish(self.bus.subjects.event_turn, self.turn_event(request, delivery.attempt, turn))
-            self.counters["turns"] += 1
-            reason = dialogue_termination([t.result for t in turns], [t.score for t in turns], reward)
+        # Turn events are stored while the dialogue goes on (no round trip per turn), all before the request is acked.
+        async with asyncio.TaskGroup() as publishing:
+            while reason is None:
+                turn = await self.turn(request, delivery.attempt, problem, history)
+                turn = msgspec.structs.replace(turn, score=result_score(turn.result, reward))
+                turns.append(turn)
+                history.append(m.HistoryEntry(turn_idx=turn.idx, kernel_code=turn.code, eval_result=turn.result,
+                                              reward=turn.score))  # fmt: skip
+                event = self.turn_event(request, delivery.attempt, turn)
+                publishing.create_task(self.bus.publish(self.bus.subjects.event_turn, event))
+                self.counters["turns"] += 1
+                reason = dialogue_termination([t.result for t in turns], [t.score for t in turns], reward)
         self.counters["dialogues"] += 1
         self.counters[f"ended_{reason}"] += 1
         trajectory = self.trajectory_event(request, turns, reason, time.monotonic() - started, reward.gamma)

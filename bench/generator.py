@@ -110,13 +110,13 @@ async def direct_baseline(log: Path, problem_ids: list[str], dialogues: int) -> 
     return turns / (time.perf_counter() - t0)
 
 
-async def measure(dialogues: int, concurrency: int) -> dict[str, float]:
+async def measure(dialogues: int, concurrency: int, sync: str) -> dict[str, float]:
     problem_ids = [p.id for p in builtin_problems().problems[:8]]
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "replay.jsonl"
         write_replay_log(log, problem_ids)
         direct = await direct_baseline(log, problem_ids, min(dialogues, 2000))
-        async with EmbeddedNatsServer(Path(tmp) / "nats") as server:
+        async with EmbeddedNatsServer(Path(tmp) / "nats", sync_interval=sync) as server:
             run_id = "bench-gen"
             bus = await Bus.connect(BusSettings(url=server.url, run=run_id), name="bench")
             config = Config(bus=bus.settings)
@@ -178,9 +178,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller run, under 30 s")
     parser.add_argument("--dialogues", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--nats-sync", default="always", help="the broker's JetStream sync_interval (kernelrl run's default)")
     args = parser.parse_args()
     dialogues = args.dialogues or (300 if args.quick else 2000)
-    figures = run_main(measure(dialogues, args.concurrency))
+    figures = run_main(measure(dialogues, args.concurrency, args.nats_sync))
     print(f"{figures['turns']} turns through one generator: {figures['turns_per_s']:,.0f} turns/s; per-turn overhead "
           f"p50 {figures['p50_overhead_ms']} ms, p99 {figures['p99_overhead_ms']} ms; no NATS: "
           f"{figures['direct_turns_per_s']:,.0f} turns/s", file=sys.stderr)  # fmt: skip

@@ -34,6 +34,10 @@ async def amain(args: argparse.Namespace) -> int:
     from kernelrl.actors.generator import GeneratorActor
     from kernelrl.core.problems import builtin_problems, load_problem_set
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local directories; never reach for a hub
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a long-running role's log, not a terminal
     config = args.config
     problem_dir = config.rollout.problem_dir
     problems = load_problem_set(Path(problem_dir)) if problem_dir else builtin_problems()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+from transformers import AutoTokenizer, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
+from kernelrl.actors.gen_backend import Completion, Generation
 from kernelrl.actors.gen_policy import TurnGate
 from kernelrl.core import messages as m
 from kernelrl.core.bus import MSG_ID_HEADER, TYPE_HEADER, Bus
@@ -22,6 +24,8 @@ from kernelrl.core.run_dirs import latest_run
 from kernelrl.core.subjects import POLICY_LATEST_KEY
 
 from helpers import command_env, count_lines, kernelrl_cmd, wait_for
+from test_gen_hf import recompute_logprobs
+from tiny_model import tiny_model_dir
 
 RELU = builtin_problems().get("level1/1_ReLU")
 CORRECT = RELU.solution or ""
@@ -212,3 +216,33 @@ async def test_turns_record_the_policy_version_the_generator_applied(
     (trajectory,) = records(logs / "trajectories.jsonl")
     (turn,) = records(logs / "turns.jsonl")
     assert trajectory["policy_version"] == 3 and turn["policy_version"] == 3
+
+
+async def test_a_dialogue_with_the_hf_backend_records_what_the_model_saw_and_sampled(
+    run_bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, spawn: Callable[..., subprocess.Popen[str]], tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:  # fmt: skip
+    model_dir = tiny_model_dir(tmp_path_factory)
+    logs = tmp_path / "logs"
+    roles(spawn, nats_server.url, run_id, logs)
+    sampling = ["--set", "generator.sampling.temperature=0.8", "--set", "generator.sampling.top_k=20",
+                "--set", "generator.sampling.max_new_tokens=12"]  # fmt: skip
+    spawn("generator", "--nats", nats_server.url, "--run", run_id, "--backend", "hf", "--model", str(model_dir), *sampling,
+          stdout=subprocess.DEVNULL)  # fmt: skip
+    await run_bus.publish(run_bus.subjects.rollout_request, rollout(run_id, "req-hf"))
+    await wait_for(lambda: count_lines(logs / "trajectories.jsonl") >= 1, 300, "the trajectory")
+    (trajectory,) = records(logs / "trajectories.jsonl")
+    turns = sorted(records(logs / "turns.jsonl"), key=lambda t: t["turn_idx"])  # type: ignore[arg-type,return-value]
+    assert trajectory["termination_reason"] == "all_failed" and trajectory["num_turns"] == 2  # it writes nonsense
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    processors = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(20)])
+    for t, turn in enumerate(turns):
+        prompt = [{"role": c["role"], "content": c["content"]} for c in turn["turn_data"]["prompt"]]  # type: ignore[index]
+        template = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert trajectory["prompt_token_ids"][t] == turn["turn_data"]["prompt_token_ids"] == list(template)  # type: ignore[index]
+        response_ids = trajectory["response_token_ids"][t]  # type: ignore[index]
+        generation = Generation(prompt_token_ids=list(template), policy_version=0,
+                                completions=[Completion(text="", token_ids=response_ids, logprobs=[])])  # fmt: skip
+        (expected,) = recompute_logprobs(model_dir, generation, processors)
+        assert trajectory["response_logprobs"][t] == pytest.approx(expected, abs=1e-4)  # type: ignore[index]
+        assert tokenizer.decode(response_ids, skip_special_tokens=True) == turn["turn_data"]["response"]  # type: ignore[index]
