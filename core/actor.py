@@ -116,9 +116,10 @@ async def run_actor(
                 tg.create_task(run_then_mark_stopped())
                 tg.create_task(_heartbeat_loop(bus, actor, started_at, done))
         except ExceptionGroup as group:
-            if len(group.exceptions) == 1:  # surface the actor's own error, not the group
-                raise group.exceptions[0] from None
-            raise
+            error: BaseException = group
+            while isinstance(error, ExceptionGroup) and len(error.exceptions) == 1:  # the actor's own error, not groups
+                error = error.exceptions[0]
+            raise error from None
         log.info("%s %s stopped cleanly", actor.role, actor.actor_id)
         return 0
     finally:

@@ -161,7 +161,7 @@ class GeneratorSettings(Settings):
     openai_model: str = ""
     openai_api_key: str = "EMPTY"
     # vllm
-    max_model_len: int = 4096
+    max_model_len: int = 0  # 0: the model's own (max_position_embeddings)
     gpu_memory_utilization: float = 0.85
     enable_lora: bool = False
     max_lora_rank: int = 16

@@ -218,18 +218,21 @@ async def test_turns_record_the_policy_version_the_generator_applied(
     assert trajectory["policy_version"] == 3 and turn["policy_version"] == 3
 
 
-async def test_a_dialogue_with_the_hf_backend_records_what_the_model_saw_and_sampled(
+@pytest.mark.parametrize(("backend", "atol"), [("hf", 1e-4), ("vllm", 1e-3)])
+async def test_a_dialogue_with_a_model_backend_records_what_the_model_saw_and_sampled(
     run_bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, spawn: Callable[..., subprocess.Popen[str]], tmp_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, backend: str, atol: float,
 ) -> None:  # fmt: skip
+    if backend == "vllm":
+        pytest.importorskip("vllm", reason="vLLM is not installed here")
     model_dir = tiny_model_dir(tmp_path_factory)
     logs = tmp_path / "logs"
     roles(spawn, nats_server.url, run_id, logs)
     sampling = ["--set", "generator.sampling.temperature=0.8", "--set", "generator.sampling.top_k=20",
                 "--set", "generator.sampling.max_new_tokens=12"]  # fmt: skip
-    spawn("generator", "--nats", nats_server.url, "--run", run_id, "--backend", "hf", "--model", str(model_dir), *sampling,
+    spawn("generator", "--nats", nats_server.url, "--run", run_id, "--backend", backend, "--model", str(model_dir), *sampling,
           stdout=subprocess.DEVNULL)  # fmt: skip
-    await run_bus.publish(run_bus.subjects.rollout_request, rollout(run_id, "req-hf"))
+    await run_bus.publish(run_bus.subjects.rollout_request, rollout(run_id, f"req-{backend}"))
     await wait_for(lambda: count_lines(logs / "trajectories.jsonl") >= 1, 300, "the trajectory")
     (trajectory,) = records(logs / "trajectories.jsonl")
     turns = sorted(records(logs / "turns.jsonl"), key=lambda t: t["turn_idx"])  # type: ignore[arg-type,return-value]
@@ -244,5 +247,5 @@ async def test_a_dialogue_with_the_hf_backend_records_what_the_model_saw_and_sam
         generation = Generation(prompt_token_ids=list(template), policy_version=0,
                                 completions=[Completion(text="", token_ids=response_ids, logprobs=[])])  # fmt: skip
         (expected,) = recompute_logprobs(model_dir, generation, processors)
-        assert trajectory["response_logprobs"][t] == pytest.approx(expected, abs=1e-4)  # type: ignore[index]
+        assert trajectory["response_logprobs"][t] == pytest.approx(expected, abs=atol)  # type: ignore[index]
         assert tokenizer.decode(response_ids, skip_special_tokens=True) == turn["turn_data"]["response"]  # type: ignore[index]

@@ -5,7 +5,7 @@
     build_tiny_model(out_dir)          # -> out_dir: config.json, generation_config.json, model.safetensors, tokenizer
     tiny_model_dir(tmp_path_factory)   # -> one such directory per test process, built on the first call
 
-The model is SmolLM2's shape in miniature: 2 layers, hidden 64, 4 heads (2 key/value heads), intermediate 128,
+The model is SmolLM2's shape in miniature: 2 layers, hidden 64, 2 heads of 32 (1 key/value head), intermediate 128,
 SmolLM2's 49152-token vocabulary, tied input/output embeddings, float32, seeded (the same weights every time).
 Its weights are larger than transformers' default init, so that its next-token distributions are not flat and
 top-k / top-p really cut. It writes nonsense but loads anywhere a Llama does (transformers, vLLM, peft). The
@@ -37,8 +37,8 @@ TINY_SHAPE = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "num_attention_heads": 2,  # head size 32: vLLM's CPU attention takes 32, 64, 80 ... (not 16)
+    "num_key_value_heads": 1,
     "max_position_embeddings": 2048,
     "initializer_range": 0.2,
 }
