@@ -44,6 +44,8 @@ bench: $(STAMP)
 	$(PY) bench/logger.py --quick
 	$(PY) bench/bus.py --quick
 	$(PY) bench/evaluator.py --quick
+	$(PY) bench/generator.py --quick
+	if $(PY) -c "import vllm" 2>/dev/null; then $(PY) bench/generator_vllm.py --quick; fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

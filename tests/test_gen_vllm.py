@@ -262,7 +262,7 @@ async def test_refusals(backend: VLLMBackend, vllm_model: Path, tmp_path: Path) 
         await backend.apply_update(m.PolicyUpdate(version=version + 1, path=str(tmp_path / "missing"), sha256=""))
     with pytest.raises(BackendError, match="not a model directory"):
         await backend.apply_update(m.PolicyUpdate(version=version + 1, path=str(tmp_path), sha256=""))
-    with pytest.raises(BackendError, match=r"generator\.max_model_len is 1024"):
+    with pytest.raises(BackendError, match=r"the prompt has 1024 tokens, the model's context is 1024"):
         await backend.generate(GenerateRequest(messages=[], prompt_token_ids=[1] * 1024, sampling=GREEDY))
     assert backend.policy_version == version and await greedy(backend) == before
 
