@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from kernelrl.core import messages as m
 from kernelrl.core import reward
+from kernelrl.core.advantages import group_turn_advantages, has_spread
 from kernelrl.core.config import RewardConfig, SampleSettings
 from kernelrl.core.subjects import RunSubjects
 
@@ -234,18 +235,12 @@ def sample_run(
                 trajectories.append(trajectory)
                 early += trajectory.num_turns < config.max_turns
                 rollout_time = max(rollout_time, trajectory.rollout_time_s)
-            first_returns = [t.aggregated_return for t in trajectories]
-            if max(first_returns) - min(first_returns) < 1e-6:
+            if not has_spread([t.aggregated_return for t in trajectories], min_group_std=1e-6):
                 filtered += 1
             else:
                 kept += 1
                 # the table's cells: each rollout's advantage at each of its turns
-                per_turn = [
-                    reward.group_advantages([t.turn_returns[k] if k < t.num_turns else 0.0 for t in trajectories])
-                    for k in range(config.max_turns)
-                ]
-                for i, t in enumerate(trajectories):
-                    advantage_rows.append([per_turn[k][i] for k in range(t.num_turns)])
+                advantage_rows += group_turn_advantages([t.turn_returns for t in trajectories])
             for t in trajectories:
                 yield subjects.event_trajectory, t
         total_tokens = groups * samples * 2400

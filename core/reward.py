@@ -1,4 +1,5 @@
-"""Reward maths, as pure functions: per-turn score, discounted returns, early termination, advantages.
+"""Reward maths, as pure functions: per-turn score, discounted returns, early termination (advantages:
+``core/advantages.py``).
 
 ``s = w_compile·compiled + w_correct·correct + correct·min(max(speedup − 1, 0), cap)``;
 ``R_t = Σ_{i≥t} γ^(i−t)·s_i``; a trajectory's ``aggregated_return`` is ``R_0``.
@@ -59,15 +60,3 @@ def dialogue_termination(results: Sequence[EvalResult], scores: Sequence[float],
     if results and results[-1].correctness and results[-1].interpreter and not config.reward_interpreter_speedup:
         return TerminationReason.SUCCESS
     return termination_reason(scores, config)
-
-
-def group_advantages(returns: Sequence[float], normalize_std: bool = True, eps: float = 1e-6) -> list[float]:
-    """GRPO advantages: ``(R − mean) / (std + eps)``, or ``R − mean`` with ``normalize_std=False`` (Dr. GRPO)."""
-    if not returns:
-        return []
-    mean = sum(returns) / len(returns)
-    centred = [r - mean for r in returns]
-    if not normalize_std:
-        return centred
-    std = math.sqrt(sum(c * c for c in centred) / len(centred))
-    return [c / (std + eps) for c in centred]

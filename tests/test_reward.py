@@ -8,7 +8,6 @@ from kernelrl.core.config import RewardConfig
 from kernelrl.core.reward import (
     TerminationReason,
     discounted_returns,
-    group_advantages,
     termination_reason,
     turn_score,
 )
@@ -46,17 +45,3 @@ def test_stops_at_max_turns() -> None:
     assert termination_reason([0.1, 0.4], CFG) is None
     assert termination_reason([0.1, 0.4, 0.4], CFG) == TerminationReason.MAX_TURNS
     assert termination_reason([0.4], RewardConfig(max_turns=1)) == TerminationReason.MAX_TURNS
-
-
-def test_group_advantages_are_zero_mean_unit_std() -> None:
-    adv = group_advantages([0.0, 1.0, 2.0, 3.0])
-    assert sum(adv) == pytest.approx(0.0)
-    assert sum(a * a for a in adv) / 4 == pytest.approx(1.0, rel=1e-4)
-
-
-def test_dr_grpo_advantages_are_only_centred() -> None:
-    assert group_advantages([1.0, 3.0], normalize_std=False) == pytest.approx([-1.0, 1.0])
-
-
-def test_equal_returns_give_zero_advantages() -> None:
-    assert group_advantages([0.5, 0.5, 0.5]) == [0.0, 0.0, 0.0]
