@@ -1,0 +1,89 @@
+"""The learner's objective, as functions of tensors: what it trains on and the PPO-clip loss.
+
+A turn trains as one sequence: the prompt token ids the generator's model saw, then the response token ids it
+sampled. The loss mask covers exactly the response tokens (never the prompt, never re-tokenised text); each
+response token carries the behaviour log-prob recorded at sampling time and its turn's advantage.
+
+``ppo_clip_loss``: ratio ``r = exp(logp_new − logp_behaviour)``; per token ``−min(r·A, clip(r, 1−ε, 1+ε)·A)``,
+times a truncated importance weight ``min(r, cap)`` detached (off-policy correction for stale samples) when
+``truncate_is`` is set; optionally, tokens whose ratio leaves ``[1/band, band]`` are masked out. Aggregation:
+``token`` (mean over every response token of the batch, the default) or ``sequence`` (mean per sequence, then
+over sequences).
+"""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+
+class TurnSample(msgspec.Struct, frozen=True, kw_only=True):
+    input_ids: list[int]  # prompt + response
+    loss_mask: list[int]  # 1 on response tokens
+    behaviour_logprobs: list[float]  # per position; 0 where the mask is 0
+    advantage: float
+
+
+def turn_sample(prompt_ids: list[int], response_ids: list[int], response_logprobs: list[float], advantage: float) -> TurnSample:
+    if len(response_ids) != len(response_logprobs):
+        raise ValueError(f"{len(response_ids)} response tokens but {len(response_logprobs)} behaviour log-probs")
+    pad = [0] * len(prompt_ids)
+    return TurnSample(input_ids=[*prompt_ids, *response_ids], loss_mask=[*pad, *[1] * len(response_ids)],
+                      behaviour_logprobs=[*[0.0] * len(prompt_ids), *response_logprobs], advantage=advantage)  # fmt: skip
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq]`` log-prob of each token given the ones before it (position 0: 0, nothing predicts it)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(logp, (1, 0))
+
+
+class LossStats(msgspec.Struct, frozen=True, kw_only=True):
+    clip_fraction: float
+    ratio_mean: float
+    ratio_max: float
+    masked_by_band: float
+    tokens: int
+
+
+def ppo_clip_loss(
+    new_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    truncate_is: float | None = None,
+    ratio_band: float | None = None,
+    aggregation: str = "token",
+) -> tuple[torch.Tensor, LossStats]:
+    """All tensors ``[batch, seq]`` except ``advantages`` ``[batch]``; returns the loss and its statistics."""
+    if aggregation not in ("token", "sequence"):
+        raise ValueError(f"loss aggregation {aggregation!r}: choose token or sequence")
+    mask = mask.float()
+    log_ratio = (new_logprobs - behaviour_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None]
+    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    if truncate_is is not None:
+        per_token = per_token * torch.clamp(ratio.detach(), max=truncate_is)
+    banded = torch.zeros_like(mask)
+    if ratio_band is not None:
+        outside = ((ratio < 1 / ratio_band) | (ratio > ratio_band)).float() * mask
+        banded = outside
+        mask = mask * (1 - outside)
+    per_token = per_token * mask
+    if aggregation == "token":
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    else:
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        clipped = ((ratio - 1).abs() > clip_eps).float() * mask
+        stats = LossStats(
+            clip_fraction=float(clipped.sum() / n),
+            ratio_mean=float((ratio * mask).sum() / n),
+            ratio_max=float((ratio * mask).max()) if mask.any() else 1.0,
+            masked_by_band=float(banded.sum()),
+            tokens=int(mask.sum()),
+        )
+    return loss, stats
