@@ -43,6 +43,7 @@ import msgspec
 
 from kernelrl.actors.gen_backend import BackendError, Completion, GenerateRequest, Generation
 from kernelrl.actors.gen_models import pick_dtype, resolve_model_dir, weights_sha256
+from kernelrl.actors.gen_policy import TurnGate
 from kernelrl.core import messages as m
 from kernelrl.core.config import GeneratorSettings, SamplingSettings
 
@@ -82,9 +83,7 @@ class VLLMBackend:
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._lora: LoRARequest | None = None
         self._max_model_len = settings.max_model_len
-        self._gate = asyncio.Condition()  # generations under way vs. an update
-        self._active = 0
-        self._updating = False
+        self._gate = TurnGate()  # generations under way vs. an update
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -158,10 +157,7 @@ class VLLMBackend:
             params = sampling_params(request.sampling, 1 if greedy else request.n, min(request.sampling.max_new_tokens, room))
         except (ValueError, VLLMError) as exc:
             raise BackendError(f"vllm: sampling settings refused: {exc}") from exc
-        async with self._gate:
-            await self._gate.wait_for(lambda: not self._updating)
-            self._active += 1
-        try:
+        async with self._gate.turn():
             final = None
             try:
                 async for out in self._engine.generate(
@@ -176,25 +172,13 @@ class VLLMBackend:
             if greedy:
                 completions *= request.n
             return Generation(prompt_token_ids=prompt, completions=completions, policy_version=self.policy_version)
-        finally:
-            async with self._gate:
-                self._active -= 1
-                self._gate.notify_all()
 
     async def apply_update(self, update: m.PolicyUpdate) -> None:
         if self._engine is None:
             raise BackendError("vllm: apply_update before start")
-        async with self._gate:
-            await self._gate.wait_for(lambda: not self._updating)
-            self._updating = True
-            await self._gate.wait_for(lambda: self._active == 0)
-        try:
+        async with self._gate.update():
             await self._apply(update)
             self.policy_version = update.version
-        finally:
-            async with self._gate:
-                self._updating = False
-                self._gate.notify_all()
 
     async def _apply(self, update: m.PolicyUpdate) -> None:
         from vllm.lora.request import LoRARequest

@@ -94,17 +94,30 @@ async def logger_caught_up(bus: Bus) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
-def settled_requests(log_dir: Path, ids: set[str]) -> set[str]:
-    """Which of ``ids`` have a trajectory (or were parked) in the run's logs."""
-    done: set[str] = set()
-    for name, field in (("trajectories.jsonl", "request_id"), ("parked.jsonl", "message_id")):
-        with contextlib.suppress(FileNotFoundError):
-            for line in (log_dir / name).read_bytes().splitlines():
-                with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
-                    value = orjson.loads(line).get(field)
-                    if value in ids:
-                        done.add(value)
-    return done
+class SettledRequests:
+    """Which of ``ids`` have a trajectory (or were parked) in the run's logs; each poll reads only new lines."""
+
+    FILES = (("trajectories.jsonl", "request_id"), ("parked.jsonl", "message_id"))
+
+    def __init__(self, log_dir: Path, ids: set[str]) -> None:
+        self.log_dir = log_dir
+        self.ids = ids
+        self.done: set[str] = set()
+        self._offsets = {name: 0 for name, _ in self.FILES}
+
+    def poll(self) -> set[str]:
+        for name, field in self.FILES:
+            with contextlib.suppress(FileNotFoundError), (self.log_dir / name).open("rb") as f:
+                f.seek(self._offsets[name])
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        break  # a record still being written: read it next time
+                    self._offsets[name] += len(line)
+                    with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                        value = orjson.loads(line).get(field)
+                        if value in self.ids:
+                            self.done.add(value)
+        return self.done
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -198,9 +211,9 @@ async def amain(args: argparse.Namespace) -> int:
             if "logger" not in roles:
                 return  # the logger runs elsewhere: this run cannot see the trajectories land, so it runs until Ctrl-C
             ids = {r.request_id for r in requests}
+            settled = SettledRequests(log_dir, ids)
             while not stopping.is_set():
-                done = settled_requests(log_dir, ids)
-                if len(done) == len(ids) and await logger_caught_up(bus):
+                if len(settled.poll()) == len(ids) and await logger_caught_up(bus):
                     log.info("all %d dialogues are in %s", len(ids), log_dir / "trajectories.jsonl")
                     stopping.set()
                     return

@@ -63,7 +63,10 @@ def group_turn_advantages(returns: Sequence[Sequence[float]], estimator: str = "
 
 def has_spread(aggregated_returns: Sequence[float], min_group_std: float) -> bool:
     """Whether a group is kept: its members' ``R_0`` spread at least ``min_group_std`` (identical returns: no)."""
-    return len(aggregated_returns) > 1 and _std(aggregated_returns) > 0 and _std(aggregated_returns) >= min_group_std
+    if len(aggregated_returns) < 2:
+        return False
+    spread = _std(aggregated_returns)
+    return spread > 0 and spread >= min_group_std
 
 
 def is_stale(policy_version: int, current_version: int, max_off_policy_steps: int) -> bool:
