@@ -308,6 +308,7 @@ class Bus:
         for spec in consumer_table(Config(bus=cfg)) if consumers is None else consumers:
             await self.ensure_consumer(spec.stream, spec.consumer_config())
         await self._ensure_kv(api.KeyValueConfig(bucket=st.policy_bucket, history=8, storage=storage, replicas=cfg.replicas))
+        await self._ensure_kv(api.KeyValueConfig(bucket=st.buffer_bucket, history=4, storage=storage, replicas=cfg.replicas))
         await self._ensure_kv(api.KeyValueConfig(bucket=st.actors_bucket, history=1, ttl=cfg.heartbeat_ttl_s, storage=storage,
                                                  replicas=cfg.replicas))  # fmt: skip
 

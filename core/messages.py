@@ -177,16 +177,26 @@ class TrajectoryEvent(Message, frozen=True):
 
 
 class GroupSummary(msgspec.Struct, kw_only=True, frozen=True):
+    """The buffer's account of the groups behind one train batch (the seed's "Group Summary")."""
+
     total_groups: int = 0
     groups_kept: int = 0
-    groups_filtered: int = 0
-    num_early_exit: int = 0
+    groups_filtered: int = 0  # no reward spread
+    num_early_exit: int = 0  # rollouts that ended before max_turns
     num_rollouts: int = 0
     rollout_time_s: float = 0.0
     training_time_s: float = 0.0
     total_tokens: int = 0
     trainable_tokens: int = 0
+    # one row per kept rollout, one advantage per turn
     turn_advantages: list[list[float]] = []
+    reward_mean: float = 0.0  # mean aggregated return over every rollout of these groups
+    reward_change: float | None = None  # against the previous batch's reward_mean
+    stale_dropped: int = 0  # trajectories too many policy versions behind
+    short_groups: int = 0  # closed by the group time-out with members missing
+    lost_rollouts: int = 0  # members that never arrived
+    groups_dropped: int = 0  # short groups below min_group_size
+    policy_lag_mean: float = 0.0  # versions between sampling and the policy being trained
 
 
 class StepSummary(Message, frozen=True):
@@ -202,6 +212,18 @@ class StepSummary(Message, frozen=True):
     tokens_trained: int = 0
     trainable_token_share: float = 0.0
     groups: GroupSummary = msgspec.field(default_factory=GroupSummary)
+    batch_id: str = ""
+    samples: int = 0  # trajectories trained on
+    missing_samples: int = 0  # named by the batch but gone from the event stream (retention)
+    clip_fraction: float = 0.0
+    ratio_mean: float = 1.0
+    ratio_max: float = 1.0
+    masked_by_band: int = 0
+    kl: float = 0.0
+    trainable_params: int = 0
+    train_time_s: float = 0.0
+    weights_path: str = ""
+    weights_sha256: str = ""
 
 
 class EvalSummary(Message, frozen=True):
@@ -238,15 +260,19 @@ class BatchSample(msgspec.Struct, kw_only=True, frozen=True):
     stream_seq: int
     trajectory_id: str
     turn_advantages: list[float]
+    policy_version: int = 0
 
 
 class TrainBatch(Message, frozen=True):
+    """One optimiser step's data: the learner trains it into policy version ``step`` (steps count from 1)."""
+
     batch_id: str
     run_id: str
     step: int
     samples: list[BatchSample]
     min_policy_version: int = 0
     groups: GroupSummary = msgspec.field(default_factory=GroupSummary)
+    total_steps: int = 0  # the buffer's plan: num_rollout rounds
 
 
 class PolicyUpdate(Message, frozen=True):

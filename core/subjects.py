@@ -128,6 +128,11 @@ class RunSubjects(msgspec.Struct, frozen=True):
     def actors_bucket(self) -> str:
         return f"krl-{self.run}-actors"
 
+    @property
+    def buffer_bucket(self) -> str:
+        """The buffer's checkpointed state (key ``BUFFER_STATE_KEY``): what a restarted buffer resumes from."""
+        return f"krl-{self.run}-buffer"
+
     def type_for(self, subject: str) -> type[m.Message] | None:
         """The message type that travels on ``subject``, or None for a subject outside this run."""
         prefix = self.root + "."
@@ -147,6 +152,7 @@ BUFFER_CONSUMER = "buffer"
 LEARNER_CONSUMER = "learner"
 
 POLICY_LATEST_KEY = "latest"
+BUFFER_STATE_KEY = "state"
 
 SUBJECT_TYPES: dict[str, type[m.Message]] = {
     "rollout.request": m.RolloutRequest,
