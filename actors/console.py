@@ -74,25 +74,34 @@ def format_advantage_table(rows: Sequence[Sequence[float]]) -> str:
     return "\n".join([RULE, "Turn-by-Turn Advantage Table:", RULE, header, RULE, *body, RULE])
 
 
-def format_step_summary(ev: m.StepSummary, verbose: bool = False) -> str:
+def format_step_line(ev: m.StepSummary) -> str:
+    """The concise step line: ``Step 10/200 · Groups: 6/8 kept (2 filtered), 18/48 finished early · reward 0.41 (+0.07)``."""
     g = ev.groups
     total = f"/{ev.total_steps}" if ev.total_steps else ""
-    concise = [
-        f"Step {ev.step}{total}",
-        f"  Groups: {g.groups_kept}/{g.total_groups} kept ({g.groups_filtered} filtered), "
-        f"{g.num_early_exit}/{g.num_rollouts} finished early",
-        f"  loss={ev.loss:.4f} grad_norm={ev.grad_norm:.4f} lr={ev.learning_rate:.2e} policy=v{ev.policy_version}",
-    ]
+    change = f" ({g.reward_change:+.2f})" if g.reward_change is not None else ""
+    return (
+        f"Step {ev.step}{total} · Groups: {g.groups_kept}/{g.total_groups} kept ({g.groups_filtered} filtered), "
+        f"{g.num_early_exit}/{g.num_rollouts} finished early · reward {g.reward_mean:.2f}{change}"
+    )
+
+
+def format_step_summary(ev: m.StepSummary, verbose: bool = False) -> str:
+    g = ev.groups
+    line = format_step_line(ev)
     if not verbose:
-        return "\n".join(concise)
+        return line
     share = 100.0 * g.trainable_tokens / g.total_tokens if g.total_tokens else 0.0
     lines = [
+        line,
         RULE,
-        f"STEP {ev.step}{total}: BACKPROPAGATION & OPTIMIZATION",
+        f"STEP {ev.step}: BACKPROPAGATION & OPTIMIZATION (policy v{ev.policy_version})",
         RULE,
         f"✓ Grad norm (clipped): {ev.grad_norm:.4f}",
         f"✓ Tokens trained: {ev.tokens_trained:,}",
         f"✓ Total loss: {ev.loss:.4f}",
+        f"✓ Clip fraction: {ev.clip_fraction:.3f}  Importance ratio: mean {ev.ratio_mean:.3f}, max {ev.ratio_max:.3f}"
+        + (f"  KL: {ev.kl:.4f}" if ev.kl else ""),
+        f"✓ Learning rate: {ev.learning_rate:.2e}  Trainable parameters: {ev.trainable_params:,}",
         "",
         "Group Summary:",
         f"  - Total groups: {g.total_groups}",
@@ -103,8 +112,12 @@ def format_step_summary(ev: m.StepSummary, verbose: bool = False) -> str:
         f"  - Total training time: {g.training_time_s:.1f}s",
         f"  - Total tokens: {g.total_tokens:,}",
         f"  - Trainable tokens: {g.trainable_tokens:,} ({share:.1f}%)",
-        RULE,
     ]
+    dropped = [(g.stale_dropped, "stale trajectories dropped"), (g.short_groups, "groups closed short by the time-out"),
+               (g.lost_rollouts, "rollouts lost"), (g.groups_dropped, "groups dropped (too few members)"),
+               (ev.missing_samples, "trajectories missing from the event stream")]  # fmt: skip
+    lines += [f"  - {text}: {n}" for n, text in dropped if n]
+    lines.append(RULE)
     if g.turn_advantages:
         lines.append(format_advantage_table(g.turn_advantages))
     return "\n".join(lines)

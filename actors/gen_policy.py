@@ -14,11 +14,9 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import nats.errors
-import nats.js.errors
 
 from kernelrl.actors.gen_backend import Backend, BackendError
 from kernelrl.core import messages as m
-from kernelrl.core import subjects as s
 from kernelrl.core.bus import Bus
 
 log = logging.getLogger(__name__)
@@ -62,30 +60,41 @@ class TurnGate:
                 self._changed.notify_all()
 
 
-async def watch_policy(bus: Bus, backend: Backend, gate: TurnGate, counters: Counter[str], stopping: asyncio.Event,
-                       poll_s: float = 1.0) -> None:  # fmt: skip
-    """Apply every newer ``PolicyUpdate`` published under the bucket's ``latest`` key until ``stopping``."""
-    kv = await bus.kv(bus.subjects.policy_bucket)
-    codec = m.codec_for(m.PolicyUpdate)
-    refused = -1  # a version that failed to load is not retried (the generator keeps sampling the one it has)
-    while not stopping.is_set():
-        try:
-            entry = await kv.get(s.POLICY_LATEST_KEY)
-            update = codec.decode(entry.value or b"")
-        except nats.js.errors.KeyNotFoundError:
-            update = None
-        except (nats.errors.Error, TimeoutError, m.DecodeError) as exc:
-            log.warning("policy bucket not read: %r", exc)
-            update = None
-        if update is not None and update.version > backend.policy_version and update.version != refused:
-            async with gate.update():
-                log.info("applying policy v%d (%s) over v%d", update.version, update.path, backend.policy_version)
+class PolicyWatcher:
+    """Applies the policy bucket's newest ``PolicyUpdate`` to a generator's backend: polled every second, and asked
+    directly before each dialogue, so a dialogue issued right after an update (a synchronous run) samples it."""
+
+    def __init__(self, bus: Bus, backend: Backend, gate: TurnGate, counters: Counter[str]) -> None:
+        self.bus = bus
+        self.backend = backend
+        self.gate = gate
+        self.counters = counters
+        self.refused = -1  # a version that failed to load is not retried (the generator keeps sampling the one it has)
+        self._checking = asyncio.Lock()
+
+    async def check(self) -> None:
+        async with self._checking:  # one read and one load at a time, however many dialogues ask
+            try:
+                update = await self.bus.latest_policy()
+            except (nats.errors.Error, TimeoutError, m.DecodeError) as exc:
+                log.warning("policy bucket not read: %r", exc)
+                return
+            if update is None or update.version <= self.backend.policy_version or update.version == self.refused:
+                return
+            async with self.gate.update():
+                log.info("applying policy v%d (%s) over v%d", update.version, update.path, self.backend.policy_version)
                 try:
-                    await backend.apply_update(update)
-                    counters["policy_updates"] += 1
+                    await self.backend.apply_update(update)
+                    self.counters["policy_updates"] += 1
                 except BackendError as exc:
-                    refused = update.version
-                    counters["policy_update_failed"] += 1
-                    log.error("policy v%d not applied, still sampling v%d: %s", update.version, backend.policy_version, exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), poll_s)
+                    self.refused = update.version
+                    self.counters["policy_update_failed"] += 1
+                    log.error("policy v%d not applied, still sampling v%d: %s", update.version, self.backend.policy_version, exc)
+
+    async def watch(self, stopping: asyncio.Event, poll_s: float = 1.0) -> None:
+        """Apply every newer update until ``stopping``."""
+        while not stopping.is_set():
+            await self.check()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), poll_s)
+

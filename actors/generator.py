@@ -2,7 +2,7 @@
 
 Subscribes: ``krl.<run>.rollout.request`` (consumer ``generators``, through the shared work loop, with
 ``generator.concurrency`` dialogues in hand); its own ``krl.<run>.eval.result.<generator-id>`` (results
-stream, ``EvalResultInbox``); the policy bucket's ``latest`` key.
+stream, ``EvalResultInbox``); the policy bucket's ``latest`` key (polled, and read before each dialogue).
 Publishes: ``EvalRequest`` per turn that holds code; ``TurnEvent`` per turn; ``TrajectoryEvent`` per dialogue,
 and only then acks the request.
 
@@ -24,7 +24,7 @@ from collections import Counter
 import msgspec
 
 from kernelrl.actors.gen_backend import Backend, GenerateRequest, Generation
-from kernelrl.actors.gen_policy import TurnGate, watch_policy
+from kernelrl.actors.gen_policy import PolicyWatcher, TurnGate
 from kernelrl.core import messages as m
 from kernelrl.core.actor import default_actor_id
 from kernelrl.core.bus import Bus, Delivery
@@ -85,6 +85,7 @@ class GeneratorActor:
         self.state = "starting"
         self.counters: Counter[str] = Counter()
         self.gate = TurnGate()
+        self.policy = PolicyWatcher(bus, backend, self.gate, self.counters)
         self.inbox = EvalResultInbox(bus, self.actor_id)
         self.loop: WorkLoop[m.RolloutRequest] = WorkLoop(
             bus, consumer_for(config, self.role), self.settings.work, self, self.dialogue, busy_state="generating"
@@ -107,7 +108,7 @@ class GeneratorActor:
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(started.wait(), 0.5)
-            await watch_policy(self.bus, self.backend, self.gate, self.counters, stopping)
+            await self.policy.watch(stopping)
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -129,6 +130,7 @@ class GeneratorActor:
         if request.max_turns < 1:
             raise Reject(f"max_turns {request.max_turns} < 1")
         reward = msgspec.structs.replace(self.config.reward, max_turns=request.max_turns, gamma=request.gamma)
+        await self.policy.check()  # the newest policy, even one published a moment ago (a synchronous run waits on it)
         started = time.monotonic()
         turns: list[Turn] = []
         history: list[m.HistoryEntry] = []

@@ -6,13 +6,15 @@ import argparse
 import sys
 from types import ModuleType
 
-from kernelrl.bin import check, evaluator, generator, logger, run, sample_events, server, status, tap
+from kernelrl.bin import buffer, check, evaluator, generator, learner, logger, run, sample_events, server, status, tap
 from kernelrl.bin.common import run_command
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "run": (run, "the whole system on this machine (embedded NATS unless --nats)"),
     "server": (server, "only the broker (embedded nats-server), for runs across hosts and NATS clusters"),
     "generator": (generator, "the generator role: multi-turn kernel dialogues with a vllm, openai, hf or replay backend"),
+    "buffer": (buffer, "the buffer role: schedules rollouts, groups trajectories for GRPO, publishes train batches"),
+    "learner": (learner, "the learner role: trains the policy on train batches, publishes versioned weights"),
     "evaluator": (evaluator, "the evaluator role: compile, check and time candidates on one GPU or the CPU"),
     "logger": (logger, "the logger role: JSONL logs and console summaries"),
     "check": (check, "the evaluator's verdict on one candidate, without NATS"),

@@ -4,11 +4,13 @@ Each run gets a fresh time-based run id and its own directory ``runs/<id>`` (``r
 it; ``--run ID`` continues that run). Starts the embedded NATS server unless ``--nats`` is given — on
 port 4222 when that is free, else on a free port — writes its URL to ``runs/<id>/nats.url`` and
 supervises it like any child (restarted on the same port and store if it dies); provisions the run,
-starts the roles that exist as child processes (the logger; one evaluator per visible GPU, or one CPU
-evaluator) and supervises them; Ctrl-C stops everything cleanly. Exit status: 0 after a clean stop, 1
-if a child or the broker exhausted its restart budget (the summary names who and how often). Until the
-generator, buffer and learner roles land, the documented sample event stream (``kernelrl
-sample-events``) stands in for them, and the run ends once the logger has written every sample event.
+resolves the starting policy (``[policy]``: the base model and its warm start, cached for later runs), starts
+the roles as child processes (logger; one evaluator per visible GPU, or one CPU evaluator; generator; buffer;
+learner) and supervises them; Ctrl-C stops everything cleanly. A training run ends once the buffer has
+published its last batch and the learner has trained it; it then prints where the logs are, the reward by step
+and what to run next. Exit status: 0 after a clean stop, 1 if a child or the broker exhausted its restart
+budget (the summary names who and how often). ``--roles`` picks other shapes: ``rollouts`` in place of buffer
+and learner runs fixed dialogues without training; ``sample`` the documented sample event stream.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import orjson
 
 from kernelrl.actors.rollouts import rollout_requests
 from kernelrl.bin.common import add_config_arguments, add_setting_flag, command_main
+from kernelrl.core import messages as m
 from kernelrl.core import subjects as s
 from kernelrl.core.bus import Bus
 from kernelrl.core.config import ROLES, Config
@@ -94,6 +97,46 @@ async def logger_caught_up(bus: Bus) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
+async def training_done(bus: Bus) -> bool:
+    """The buffer has published its last batch, the learner has trained it, and the logger has every event."""
+    from kernelrl.actors.buffer import read_buffer_state
+
+    try:
+        state = await read_buffer_state(bus)
+        policy = await bus.latest_policy()
+    except (nats.errors.Error, TimeoutError, m.DecodeError) as exc:
+        log.debug("training state not read: %r", exc)
+        return False
+    if state is None or not state.finished:
+        return False
+    trained = policy.step if policy is not None else 0
+    return trained >= state.batches_published and await logger_caught_up(bus)
+
+
+def training_report(run_id: str, log_dir: Path) -> str:
+    """What a finished training run prints: where its logs are, the reward by step, what to run next."""
+    steps = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in (log_dir / "steps.jsonl").read_bytes().splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                steps.append(orjson.loads(line))
+    steps.sort(key=lambda r: r.get("step", 0))
+    lines = [f"Run {run_id}: {len(steps)} training steps", f"  logs: {log_dir} (turns.jsonl, trajectories.jsonl, steps.jsonl)"]
+    if steps:
+        lines.append("  reward by step (mean aggregated return of the step's groups; kept/total groups; policy version):")
+        for r in steps:
+            g = r.get("groups", {})
+            lines.append(f"    step {r.get('step'):3d}: reward {g.get('reward_mean', 0.0):.3f}  groups {g.get('groups_kept', 0)}/"
+                         f"{g.get('total_groups', 0)} kept  → policy v{r.get('policy_version')}")  # fmt: skip
+    lines += [
+        "  next:",
+        f"    kernelrl status --run {run_id}          live actors and their counters (while a run is up)",
+        f"    kernelrl run --run {run_id}             continue this run",
+        "    kernelrl run --set buffer.num_rollout=20  a longer run; --config FILE for a whole configuration",
+    ]
+    return "\n".join(lines)
+
+
 class SettledRequests:
     """Which of ``ids`` have a trajectory (or were parked) in the run's logs; each poll reads only new lines."""
 
@@ -118,6 +161,33 @@ class SettledRequests:
                         if value in self.ids:
                             self.done.add(value)
         return self.done
+
+
+def needs_policy(config: Config) -> bool:
+    """Whether this run starts the learner, or a generator that loads a local model without being told which."""
+    roles = config.run.roles
+    generator_loads = "generator" in roles and config.generator.backend in ("hf", "vllm") and not config.generator.model
+    return generator_loads or ("learner" in roles and not config.learner.model)
+
+
+async def warm_start(config_path: Path, args: argparse.Namespace, stopping: asyncio.Event) -> Path | None:
+    """The run's starting policy, from ``kernelrl sft`` in a child process (so Ctrl-C stops it); its last stdout line
+    is the policy's directory. None when it failed or was stopped."""
+    proc = await asyncio.create_subprocess_exec(*child_argv("sft", "--config", str(config_path), "--log-level", args.log_level),
+                                                stdout=asyncio.subprocess.PIPE)  # fmt: skip
+    communicate = asyncio.ensure_future(proc.communicate())
+    stop = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({communicate, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if not communicate.done():
+        proc.terminate()
+        await communicate
+    stop.cancel()
+    out, _ = communicate.result()
+    lines = out.decode().strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        log.error("the warm start (kernelrl sft) exited with status %s", proc.returncode)
+        return None
+    return Path(lines[-1])
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -162,6 +232,19 @@ async def amain(args: argparse.Namespace) -> int:
         await bus.provision(consumer_table(config))
         config_path = run_dir / CONFIG_FILE  # once the run is provisioned as it says
         config_path.write_text(config_toml(config))
+        if needs_policy(config):
+            log.info("starting policy: %s%s (cached for later runs)", config.policy.base,
+                     " with its warm start" if config.policy.warm_start else "")  # fmt: skip
+            policy = await warm_start(config_path, args, stopping)
+            if policy is None:
+                return 0 if stopping.is_set() else 1
+            config = msgspec.structs.replace(
+                config,
+                generator=msgspec.structs.replace(config.generator, model=config.generator.model or str(policy)),
+                learner=msgspec.structs.replace(config.learner, model=config.learner.model or str(policy)),
+            )
+            config_path.write_text(config_toml(config))
+            log.info("starting policy: %s", policy)
         common = ["--config", str(config_path), "--log-level", args.log_level]
 
         def child(name: str, command: str, *extra: str, restart: bool = True) -> ChildSpec:
@@ -183,6 +266,10 @@ async def amain(args: argparse.Namespace) -> int:
             log.info(
                 "generator: backend %s, model %s", config.generator.backend, config.generator.model or "SmolLM2-135M (bundled)"
             )
+        if "buffer" in roles:
+            specs.append(child("buffer", "buffer"))
+        if "learner" in roles:
+            specs.append(child("learner", "learner"))
         sample_steps = config.sample.steps
         if "sample" not in roles or "logger" not in roles:  # the sample stream ends once the logger has it all
             sample_steps = 0
@@ -219,10 +306,21 @@ async def amain(args: argparse.Namespace) -> int:
                     return
                 await asyncio.sleep(1.0)
 
+        async def finish_when_trained() -> None:
+            if not {"buffer", "learner", "logger"} <= set(roles):
+                return  # a role runs elsewhere: this run cannot see the end, so it runs until Ctrl-C
+            while not stopping.is_set():
+                if await training_done(bus):
+                    log.info("the last batch is trained")
+                    stopping.set()
+                    return
+                await asyncio.sleep(1.0)
+
         async with asyncio.TaskGroup() as tg:
             supervised = tg.create_task(supervisor.run(stopping))
             tg.create_task(finish_when_sample_logged())
             tg.create_task(rollouts_then_finish())
+            tg.create_task(finish_when_trained())
             if server is not None:
                 tg.create_task(server.supervise(stopping, budget, gave_up))
         codes = supervised.result()
@@ -235,6 +333,8 @@ async def amain(args: argparse.Namespace) -> int:
         log.error("children exited with errors: %s", failed)
         return 1
     log.info("run %s stopped cleanly; logs in %s", run_id, log_dir)
+    if "learner" in roles:
+        print(training_report(run_id, log_dir), flush=True)
     return 0
 
 

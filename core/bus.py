@@ -475,6 +475,30 @@ class Bus:
         except nats.errors.Error as exc:
             log.warning("could not terminate message on %s: %s", raw.subject, exc)
 
+    async def stored(self, stream: str, seq: int) -> m.Message | None:
+        """The message stored at ``seq`` in ``stream``, decoded by its subject; None when it is gone (retention
+        limits, deletion) or was never there."""
+        try:
+            raw = await self._patiently(f"{stream} #{seq}", lambda: self.js.get_msg(stream, seq))
+        except nats.js.errors.NotFoundError:
+            return None
+        if raw.subject is None or raw.data is None:
+            return None
+        return self.decode(raw.subject, raw.data, raw.headers)
+
+    async def put_policy(self, update: m.PolicyUpdate) -> None:
+        """Make ``update`` the run's latest policy (the policy bucket's ``latest`` key generators watch)."""
+        kv = await self.kv(self.subjects.policy_bucket)
+        await self._patiently("policy bucket", lambda: kv.put(s.POLICY_LATEST_KEY, m.codec_for(m.PolicyUpdate).encode(update)))
+
+    async def latest_policy(self) -> m.PolicyUpdate | None:
+        kv = await self.kv(self.subjects.policy_bucket)
+        try:
+            entry = await self._patiently("policy bucket", lambda: kv.get(s.POLICY_LATEST_KEY))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return m.codec_for(m.PolicyUpdate).decode(entry.value or b"")
+
     # ------------------------------------------------------------ shutdown
 
     async def close(self) -> None:

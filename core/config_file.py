@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from kernelrl.core.advantages import ESTIMATORS
 from kernelrl.core.config import BACKENDS, ROLES, Config, WorkSettings
 from kernelrl.core.subjects import RUN_ID
 
@@ -137,6 +138,21 @@ def validate(config: Config) -> None:
         "generator.concurrency": config.generator.concurrency,
         "generator.eval_timeout_s": config.generator.eval_timeout_s,
         "generator.sampling.max_new_tokens": config.generator.sampling.max_new_tokens,
+        "learner.learning_rate": config.learner.learning_rate,
+        "learner.clip_eps": config.learner.clip_eps,
+        "learner.max_grad_norm": config.learner.max_grad_norm,
+        "learner.max_tokens_per_gpu": config.learner.max_tokens_per_gpu,
+        "buffer.rollout_batch_size": config.buffer.rollout_batch_size,
+        "buffer.n_samples_per_prompt": config.buffer.n_samples_per_prompt,
+        "buffer.max_inflight_groups": config.buffer.max_inflight_groups,
+        "buffer.group_timeout_s": config.buffer.group_timeout_s,
+        "buffer.state_interval_s": config.buffer.state_interval_s,
+        "policy.epochs": config.policy.epochs,
+        "policy.learning_rate": config.policy.learning_rate,
+        "policy.batch_tokens": config.policy.batch_tokens,
+        "policy.mini_layers": config.policy.mini_layers,
+        "policy.mini_hidden": config.policy.mini_hidden,
+        "policy.mini_heads": config.policy.mini_heads,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -148,6 +164,35 @@ def validate(config: Config) -> None:
     for key, value in (("check.atol", config.check.atol), ("check.rtol", config.check.rtol)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{key}: must be a finite number ≥ 0, got {value}")
+    not_negative = {
+        "learner.lora_rank": config.learner.lora_rank,
+        "learner.truncate_is": config.learner.truncate_is,
+        "learner.ratio_band": config.learner.ratio_band,
+        "learner.kl_coef": config.learner.kl_coef,
+        "learner.weight_decay": config.learner.weight_decay,
+        "buffer.num_rollout": config.buffer.num_rollout,
+        "buffer.global_batch_size": config.buffer.global_batch_size,
+        "buffer.max_off_policy_steps": config.buffer.max_off_policy_steps,
+        "buffer.min_group_std": config.buffer.min_group_std,
+    }
+    for key, value in not_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+    if 0 < config.learner.ratio_band <= 1:
+        raise ConfigError(f"learner.ratio_band: must be 0 (off) or above 1, got {config.learner.ratio_band}")
+    if config.learner.loss_aggregation not in ("token", "sequence"):
+        raise ConfigError(f"learner.loss_aggregation: {config.learner.loss_aggregation!r}: choose token or sequence")
+    if config.buffer.advantage_estimator not in ESTIMATORS:
+        estimator = config.buffer.advantage_estimator
+        raise ConfigError(f"buffer.advantage_estimator: {estimator!r}: choose from {', '.join(ESTIMATORS)}")
+    if not 0 <= config.buffer.heldout_fraction < 1:
+        raise ConfigError(f"buffer.heldout_fraction: must be in [0, 1), got {config.buffer.heldout_fraction}")
+    if not 1 <= config.buffer.min_group_size <= config.buffer.n_samples_per_prompt:
+        raise ConfigError(f"buffer.min_group_size: must be between 1 and buffer.n_samples_per_prompt "
+                          f"({config.buffer.n_samples_per_prompt}), got {config.buffer.min_group_size}")  # fmt: skip
+    if config.policy.mini_hidden % config.policy.mini_heads:
+        raise ConfigError(f"policy.mini_hidden: {config.policy.mini_hidden} is not a multiple of policy.mini_heads "
+                          f"({config.policy.mini_heads})")  # fmt: skip
     if config.run.restart_budget < 0:
         raise ConfigError(f"run.restart_budget: must not be negative, got {config.run.restart_budget}")
 

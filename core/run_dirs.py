@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from kernelrl.core.config import RunSettings
+from kernelrl.core.config import Config, RunSettings
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 DEFAULT_RUN = "default"
@@ -104,3 +104,8 @@ def resolve_run_id(explicit: str | None, root: Path = RUNS_ROOT) -> str:
         return os.environ["KRL_RUN"]
     latest = latest_run(root)
     return latest.run_id if latest is not None else DEFAULT_RUN
+
+
+def run_dir_of(config: Config) -> Path:
+    """The directory of the run ``config`` describes: ``run.run_dir``, else ``<run.runs_root>/<bus.run>``."""
+    return Path(config.run.run_dir) if config.run.run_dir else Path(config.run.runs_root) / config.bus.run

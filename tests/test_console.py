@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from kernelrl.actors import console
 from kernelrl.core import messages as m
 
@@ -78,11 +80,16 @@ def test_step_summary_is_concise_by_default_and_detailed_when_verbose() -> None:
             total_tokens=45678,
             trainable_tokens=12345,
             turn_advantages=[[0.1, 0.2]],
+            reward_mean=0.41,
+            reward_change=0.07,
         ),
     )
     concise = console.format_step_summary(ev)
-    assert concise.splitlines()[:2] == ["Step 10/200", "  Groups: 6/8 kept (2 filtered), 18/48 finished early"]
+    assert concise == "Step 10/200 · Groups: 6/8 kept (2 filtered), 18/48 finished early · reward 0.41 (+0.07)"
     assert "Advantage" not in concise
     verbose = console.format_step_summary(ev, verbose=True)
     assert "  - Trainable tokens: 12,345 (27.0%)" in verbose
     assert "Turn-by-Turn Advantage Table:" in verbose
+    assert verbose.splitlines()[0] == concise
+    first = msgspec.structs.replace(ev, groups=msgspec.structs.replace(ev.groups, reward_change=None))
+    assert console.format_step_summary(first).endswith("· reward 0.41")

@@ -1,0 +1,55 @@
+"""``kernelrl learner``: the learner role (see ``kernelrl.actors.learner``).
+
+Settings come from the run's configuration (``[learner]``: model, LoRA, objective, optimiser, micro-batching,
+where weights and checkpoints go, work consumer). With ``learner.model`` empty it trains the run's starting policy
+(``[policy]``: the base model and its cached warm start). Under ``torchrun`` it trains data-parallel: rank 0 talks
+to NATS and publishes; the other ranks only train their share of each batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kernelrl.bin.common import add_config_arguments, add_setting_flag, command_main
+from kernelrl.core.actor import run_actor
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--gpu", default=None, help="GPU index (or UUID) to pin (default: every visible one)")
+    add_setting_flag(parser, "--model", key="learner.model", help="model directory to train (default: the run's policy)")
+    add_setting_flag(parser, "--lora-rank", key="learner.lora_rank", type=int, help="train a LoRA adapter of this rank")
+    add_setting_flag(parser, "--lr", key="learner.learning_rate", type=float, help="AdamW learning rate")
+
+
+async def amain(args: argparse.Namespace) -> int:
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu  # before torch starts
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local directories; never reach for a hub
+    import asyncio
+    from pathlib import Path
+
+    from kernelrl.actors.learn_trainer import PolicyTrainer
+    from kernelrl.actors.learner import LearnerActor
+    from kernelrl.actors.warm_start import resolve_policy
+    from kernelrl.core.run_dirs import run_dir_of
+
+    config = args.config
+    settings = config.learner
+    model_dir = Path(settings.model) if settings.model else await asyncio.to_thread(resolve_policy, config)
+    trainer = await asyncio.to_thread(PolicyTrainer, settings, model_dir)
+    run_dir = run_dir_of(config)
+    weights_dir = Path(settings.weights_dir) if settings.weights_dir else run_dir / "policy"
+    checkpoint_dir = Path(settings.checkpoint_dir) if settings.checkpoint_dir else run_dir / "learner"
+    device = str(trainer.device)
+    return await run_actor(lambda bus: LearnerActor(bus, config, trainer, weights_dir, checkpoint_dir, device=device), config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command_main("kernelrl learner", __doc__, add_arguments, amain, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
