@@ -8,7 +8,9 @@ response token carries the behaviour log-prob recorded at sampling time and its 
 times a truncated importance weight ``min(r, cap)`` detached (off-policy correction for stale samples) when
 ``truncate_is`` is set; optionally, tokens whose ratio leaves ``[1/band, band]`` are masked out. Aggregation:
 ``token`` (mean over every response token of the batch, the default) or ``sequence`` (mean per sequence, then
-over sequences).
+over sequences). ``denominator`` replaces the count the aggregate divides by (response tokens for ``token``,
+sequences for ``sequence``), so that micro-batches (and data-parallel ranks) of one batch, each divided by the
+batch's total count, sum to the loss of the whole batch.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def ppo_clip_loss(
     truncate_is: float | None = None,
     ratio_band: float | None = None,
     aggregation: str = "token",
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """All tensors ``[batch, seq]`` except ``advantages`` ``[batch]``; returns the loss and its statistics."""
     if aggregation not in ("token", "sequence"):
@@ -73,9 +76,10 @@ def ppo_clip_loss(
         mask = mask * (1 - outside)
     per_token = per_token * mask
     if aggregation == "token":
-        loss = per_token.sum() / mask.sum().clamp(min=1)
+        loss = per_token.sum() / (mask.sum().clamp(min=1) if denominator is None else denominator)
     else:
-        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        per_sequence = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
+        loss = per_sequence.mean() if denominator is None else per_sequence.sum() / denominator
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
         clipped = ((ratio - 1).abs() > clip_eps).float() * mask

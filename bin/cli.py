@@ -6,7 +6,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from kernelrl.bin import buffer, check, evaluator, generator, learner, logger, run, sample_events, server, status, tap
+from kernelrl.bin import buffer, check, evaluator, generator, learner, logger, run, sample_events, server, sft, status, tap
 from kernelrl.bin.common import run_command
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "learner": (learner, "the learner role: trains the policy on train batches, publishes versioned weights"),
     "evaluator": (evaluator, "the evaluator role: compile, check and time candidates on one GPU or the CPU"),
     "logger": (logger, "the logger role: JSONL logs and console summaries"),
+    "sft": (sft, "the run's starting policy: the base model, warm-started on (problem, solution) pairs (cached)"),
     "check": (check, "the evaluator's verdict on one candidate, without NATS"),
     "status": (status, "live actors and their counters"),
     "tap": (tap, "decoded messages as they pass"),

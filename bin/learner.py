@@ -31,6 +31,7 @@ async def amain(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
+    from kernelrl.actors.learn_dist import DistributedTrainer, follow, init_distributed
     from kernelrl.actors.learn_trainer import PolicyTrainer
     from kernelrl.actors.learner import LearnerActor
     from kernelrl.actors.warm_start import resolve_policy
@@ -39,12 +40,20 @@ async def amain(args: argparse.Namespace) -> int:
     config = args.config
     settings = config.learner
     model_dir = Path(settings.model) if settings.model else await asyncio.to_thread(resolve_policy, config)
-    trainer = await asyncio.to_thread(PolicyTrainer, settings, model_dir)
+    info = init_distributed()  # None unless launched by torchrun
+    trainer = DistributedTrainer(await asyncio.to_thread(PolicyTrainer, settings, model_dir, dist=info))
+    if not trainer.is_lead:
+        await asyncio.to_thread(follow, trainer)  # ranks > 0 never touch NATS
+        return 0
     run_dir = run_dir_of(config)
     weights_dir = Path(settings.weights_dir) if settings.weights_dir else run_dir / "policy"
     checkpoint_dir = Path(settings.checkpoint_dir) if settings.checkpoint_dir else run_dir / "learner"
-    device = str(trainer.device)
-    return await run_actor(lambda bus: LearnerActor(bus, config, trainer, weights_dir, checkpoint_dir, device=device), config)
+    device = str(trainer.trainer.device)
+    try:
+        return await run_actor(lambda bus: LearnerActor(bus, config, trainer, weights_dir, checkpoint_dir, device=device),
+                               config)  # fmt: skip
+    finally:
+        trainer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
