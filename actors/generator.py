@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -28,7 +29,7 @@ from kernelrl.actors.gen_policy import PolicyWatcher, TurnGate
 from kernelrl.core import messages as m
 from kernelrl.core.actor import default_actor_id
 from kernelrl.core.bus import Bus, Delivery
-from kernelrl.core.config import Config
+from kernelrl.core.config import Config, SamplingSettings
 from kernelrl.core.consumers import consumer_for
 from kernelrl.core.eval_inbox import EvalResultInbox
 from kernelrl.core.extract import extract_code
@@ -52,6 +53,15 @@ def turn_event_id(request_id: str, attempt: int, turn_idx: int) -> str:
 
 def eval_id_for(request_id: str, attempt: int, turn_idx: int) -> str:
     return f"eval-{request_id}-a{attempt}-t{turn_idx}"
+
+
+def turn_sampling(sampling: SamplingSettings, request_id: str, turn_idx: int) -> SamplingSettings:
+    """With ``sampling.seed`` set, each turn of each request samples from its own seed derived from it: a run is
+    reproducible, yet the members of a group differ."""
+    if sampling.seed is None:
+        return sampling
+    digest = hashlib.sha256(f"{sampling.seed}:{request_id}:{turn_idx}".encode()).digest()
+    return msgspec.structs.replace(sampling, seed=int.from_bytes(digest[:4], "little"))
 
 
 class Turn(msgspec.Struct, frozen=True, kw_only=True):
@@ -155,8 +165,9 @@ class GeneratorActor:
     async def turn(self, request: m.RolloutRequest, attempt: int, problem: Problem, history: list[m.HistoryEntry]) -> Turn:
         idx = len(history)
         messages = turn_messages(problem.source, history)
-        generate = GenerateRequest(messages=messages, n=1, sampling=self.settings.sampling, problem_id=request.problem_id,
-                                   turn_idx=idx, sample_idx=request.sample_idx)  # fmt: skip
+        sampling = turn_sampling(self.settings.sampling, request.request_id, idx)
+        generate = GenerateRequest(messages=messages, n=1, sampling=sampling, problem_id=request.problem_id, turn_idx=idx,
+                                   sample_idx=request.sample_idx)  # fmt: skip
         t0 = time.monotonic()
         async with self.gate.turn():
             version = self.backend.policy_version

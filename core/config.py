@@ -143,6 +143,8 @@ class SamplingSettings(Settings):
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     max_new_tokens: int = 512
+    # None: fresh randomness. Set: each turn of each rollout samples from a seed derived from it and the request id,
+    # so a run can be reproduced while a group's members still differ.
     seed: int | None = None
 
 
@@ -190,7 +192,8 @@ class LearnerSettings(Settings):
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    learning_rate: float = 1e-5
+    # The CPU demo's small policy; a full fine-tune of a pretrained model wants ~1e-6 to 1e-5 (configs/gpu.toml).
+    learning_rate: float = 1e-4
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -220,19 +223,21 @@ class BufferSettings(Settings):
     """The buffer: the data-set sampler, rollout scheduling, GRPO groups, advantages, filtering and train batches."""
 
     # Problems drawn from the problem set ([rollout] problem_dir): ids, or level prefixes such as "level1/"; (): all.
-    problems: tuple[str, ...] = ()
+    # The default is the CPU demo's: four short elementwise problems the interpreter checks in a second.
+    problems: tuple[str, ...] = ("level1/1_ReLU", "level1/3_Sigmoid", "level1/5_GELU", "level1/8_ScaleShift")
     # Problems held out of training (for evaluation), chosen by split_seed; shuffled each epoch by seed.
     heldout_fraction: float = 0.0
     split_seed: int = 0
     shuffle: bool = True
     seed: int = 0
     # Rollout rounds to run (0: until stopped); each round draws rollout_batch_size prompts, n_samples_per_prompt
-    # dialogues each (one GRPO group per prompt).
-    num_rollout: int = 100
-    rollout_batch_size: int = 8
+    # dialogues each (one GRPO group per prompt). The defaults are the CPU demo's (a few minutes on 2 cores);
+    # configs/gpu.toml has a GPU box's.
+    num_rollout: int = 3
+    rollout_batch_size: int = 2
     n_samples_per_prompt: int = 4
     # A train batch is at least this many trajectories, whole kept groups (0: rollout_batch_size x n_samples_per_prompt).
-    global_batch_size: int = 0
+    global_batch_size: int = 4
     # Groups issued and not yet complete, at most.
     max_inflight_groups: int = 16
     # A group still short of members this long after it was issued is closed: trained on the members it has if they
@@ -302,9 +307,15 @@ class PolicySettings(Settings):
     # JSONL of {"problem": <PyTorch source>, "solution": <Triton source>} (or {"problem_id": ...} naming a problem of
     # the set); "": the problem set's reference solutions (*.triton.py) of the training problems.
     pairs: str = ""
-    epochs: int = 30
-    learning_rate: float = 1e-3
-    batch_tokens: int = 4096
+    # At most this many epochs; the warm start stops after the first epoch whose mean loss per answer token is at or
+    # below target_loss (0: all epochs). About exp(-loss x answer tokens) of sampled answers come out clean, so the
+    # target sets how often the policy starts out right: 0.002 makes most but not all answers correct at temperature 1,
+    # so groups have reward spread from the first step.
+    epochs: int = 60
+    target_loss: float = 0.002
+    # AdamW with a 10-step linear warm-up, then cosine decay to 10%; micro-batches of at most batch_tokens tokens.
+    learning_rate: float = 3e-3
+    batch_tokens: int = 1024
     seed: int = 0
 
 

@@ -174,6 +174,7 @@ def validate(config: Config) -> None:
         "buffer.global_batch_size": config.buffer.global_batch_size,
         "buffer.max_off_policy_steps": config.buffer.max_off_policy_steps,
         "buffer.min_group_std": config.buffer.min_group_std,
+        "policy.target_loss": config.policy.target_loss,
     }
     for key, value in not_negative.items():
         if value < 0:

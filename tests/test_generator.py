@@ -249,3 +249,15 @@ async def test_a_dialogue_with_a_model_backend_records_what_the_model_saw_and_sa
         (expected,) = recompute_logprobs(model_dir, generation, processors)
         assert trajectory["response_logprobs"][t] == pytest.approx(expected, abs=atol)  # type: ignore[index]
         assert tokenizer.decode(response_ids, skip_special_tokens=True) == turn["turn_data"]["response"]  # type: ignore[index]
+
+
+def test_a_seeded_run_gives_each_turn_of_each_rollout_its_own_reproducible_seed() -> None:
+    from kernelrl.actors.generator import turn_sampling
+    from kernelrl.core.config import SamplingSettings
+
+    seeded = SamplingSettings(seed=7)
+    seeds = {turn_sampling(seeded, f"r1-p0-s{i}", t).seed for i in range(4) for t in range(3)}
+    assert len(seeds) == 12  # a group's members (and a dialogue's turns) do not sample alike
+    assert turn_sampling(seeded, "r1-p0-s0", 0) == turn_sampling(seeded, "r1-p0-s0", 0)
+    assert turn_sampling(SamplingSettings(seed=8), "r1-p0-s0", 0).seed != turn_sampling(seeded, "r1-p0-s0", 0).seed
+    assert turn_sampling(SamplingSettings(), "r1-p0-s0", 0).seed is None
