@@ -31,7 +31,9 @@ Group rule (a group is the ``n_samples`` rollouts of one prompt; each trajectory
 Batches. Kept groups accumulate; once they hold at least ``global_batch_size`` samples (0: ``rollout_batch_size ×
 n_samples_per_prompt``) every kept group not yet batched forms the next train batch (whole groups, so a batch may
 exceed the size). When the last round's groups have all closed, what is left is flushed as a final, possibly
-smaller, batch and the state is ``finished``. A batch's ``GroupSummary`` accounts for every group closed since the
+smaller, batch — with no samples at all when the groups closed since the previous batch were all filtered or
+dropped, so that their summary is still reported (the learner then takes no optimiser step) — and the state is
+``finished``. A batch's ``GroupSummary`` accounts for every group closed since the
 previous batch (kept, filtered and dropped); ``rollout_time_s`` is the sum of the rollouts' own
 ``rollout_time_s``; ``reward_mean`` is over every rollout that arrived for those groups (stale ones included).
 
@@ -44,6 +46,7 @@ trajectory, nor publishes a different batch.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import statistics
@@ -231,6 +234,12 @@ class BufferCore:
     # -------------------------------------------------------- derived values
 
     @property
+    def planned_steps(self) -> int:
+        """Batches the run makes if no group is filtered (0: unbounded rounds)."""
+        s = self.settings
+        return math.ceil(s.num_rollout * s.rollout_batch_size * s.n_samples_per_prompt / self.global_batch_size)
+
+    @property
     def global_batch_size(self) -> int:
         return self.settings.global_batch_size or self.settings.rollout_batch_size * self.settings.n_samples_per_prompt
 
@@ -354,7 +363,7 @@ class BufferCore:
             self._close(group)
         st = self.state
         if self.all_rounds_issued and not st.open_groups and not st.finished:
-            if st.kept:
+            if st.kept or st.tally.total_groups:  # the last groups are reported even when none was kept
                 self._form_batch()
             st.finished = True
         while self.may_issue(policy_version):
@@ -421,16 +430,16 @@ class BufferCore:
             short_groups=t.short_groups,
             lost_rollouts=t.lost_rollouts,
             groups_dropped=t.groups_dropped,
-            policy_lag_mean=statistics.fmean(step - 1 - s.policy_version for s in samples),
+            policy_lag_mean=statistics.fmean(step - 1 - s.policy_version for s in samples) if samples else 0.0,
         )
         batch = m.TrainBatch(
             batch_id=batch_id_for(step),
             run_id=self.run_id,
             step=step,
             samples=samples,
-            min_policy_version=min(s.policy_version for s in samples),
+            min_policy_version=min((s.policy_version for s in samples), default=step - 1),
             groups=summary,
-            total_steps=self.settings.num_rollout,
+            total_steps=self.planned_steps,
         )
         st.outbox_batches.append(batch)
         st.batches_published = step

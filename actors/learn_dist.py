@@ -151,6 +151,10 @@ class DistributedTrainer:
     def trainable_params(self) -> int:
         return self.trainer.trainable_params
 
+    @property
+    def is_lora(self) -> bool:
+        return self.trainer.is_lora
+
     def _command(self, *command: Any) -> None:
         if not self.is_lead:
             raise RuntimeError("only rank 0 drives the learner; the other ranks run follow()")

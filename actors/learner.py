@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import msgspec
 
 from kernelrl.actors.learn_objective import TurnSample, turn_sample
+from kernelrl.actors.learn_trainer import TrainStats
 from kernelrl.core import messages as m
 from kernelrl.core.actor import default_actor_id
 from kernelrl.core.bus import Bus, Delivery
@@ -35,6 +36,8 @@ from kernelrl.core.work_loop import Outcome, WorkLoop
 
 log = logging.getLogger(__name__)
 
+NO_STEP = TrainStats(loss=0.0, grad_norm=0.0, learning_rate=0.0, tokens=0, sequences=0, clip_fraction=0.0, ratio_mean=1.0,
+                     ratio_max=1.0, masked_by_band=0, kl=0.0, time_s=0.0)  # fmt: skip
 KEEP_TRAINED = 256  # batches whose outcome the checkpoint remembers (a redelivery is of the last one or two)
 
 
@@ -43,8 +46,9 @@ class Trainer(Protocol):
 
     step: int
     trainable_params: int
+    is_lora: bool
 
-    def train_step(self, samples: list[TurnSample]) -> Any: ...
+    def train_step(self, samples: list[TurnSample]) -> TrainStats: ...
     def save_policy(self, out_dir: Path) -> str: ...
     def save_checkpoint(self, ckpt_dir: Path, meta: dict[str, Any]) -> None: ...
     def load_checkpoint(self, ckpt_dir: Path) -> dict[str, Any] | None: ...
@@ -121,12 +125,17 @@ class LearnerActor:
         started = time.monotonic()
         trajectories, missing = await self.read_trajectories(batch)
         samples = batch_turns(trajectories)
-        stats = await asyncio.to_thread(self.trainer.train_step, samples)
-        version = self.trainer.step
-        path = self.weights_dir / f"v{version:06d}"
-        sha256 = await asyncio.to_thread(self.trainer.save_policy, path)
-        update = m.PolicyUpdate(version=version, path=str(path.resolve()), sha256=sha256, run_id=self.bus.settings.run,
-                                step=batch.step, is_lora=self.config.learner.lora_rank > 0, created_at=time.time())  # fmt: skip
+        if samples:
+            stats = await asyncio.to_thread(self.trainer.train_step, samples)
+            version = self.trainer.step
+            path = self.weights_dir / f"v{version:06d}"
+            sha256 = await asyncio.to_thread(self.trainer.save_policy, path)
+            update = m.PolicyUpdate(version=version, path=str(path.resolve()), sha256=sha256, run_id=self.bus.settings.run,
+                                    step=batch.step, is_lora=self.trainer.is_lora, created_at=time.time())  # fmt: skip
+        else:  # every group since the last batch was filtered (or its trajectories are gone): no step, same policy
+            stats = NO_STEP
+            previous = self.latest_update()
+            update = msgspec.structs.replace(previous, step=batch.step, created_at=time.time())
         summary = self.step_summary(batch, stats, update, len(trajectories), missing, time.monotonic() - started)
         self.trained[batch.batch_id] = TrainedBatch(batch_id=batch.batch_id, update=update, summary=summary)
         while len(self.trained) > KEEP_TRAINED:
@@ -137,8 +146,14 @@ class LearnerActor:
         self.counters["steps"] += 1
         self.counters["samples_missing"] += missing
         log.info("step %d: %d trajectories (%d turns, %d missing), loss %.4f → policy v%d", batch.step, len(trajectories),
-                 len(samples), missing, stats.loss, version)  # fmt: skip
+                 len(samples), missing, stats.loss, update.version)  # fmt: skip
         return [(self.bus.subjects.event_step, summary)]
+
+    def latest_update(self) -> m.PolicyUpdate:
+        """The update of the policy trained so far (version 0, the starting policy, before any step)."""
+        if self.trained:
+            return next(reversed(self.trained.values())).update
+        return m.PolicyUpdate(version=0, path="", sha256="", run_id=self.bus.settings.run)
 
     async def read_trajectories(self, batch: m.TrainBatch) -> tuple[list[tuple[m.TrajectoryEvent, m.BatchSample]], int]:
         found, missing = [], 0
@@ -152,7 +167,7 @@ class LearnerActor:
             found.append((event, named))
         return found, missing
 
-    def step_summary(self, batch: m.TrainBatch, stats: Any, update: m.PolicyUpdate, samples: int, missing: int,
+    def step_summary(self, batch: m.TrainBatch, stats: TrainStats, update: m.PolicyUpdate, samples: int, missing: int,
                      elapsed_s: float) -> m.StepSummary:  # fmt: skip
         groups = msgspec.structs.replace(batch.groups, training_time_s=round(stats.time_s, 3))
         share = stats.tokens / groups.total_tokens if groups.total_tokens else 0.0

@@ -31,12 +31,15 @@ async def amain(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
+    from transformers.utils import logging as transformers_logging
+
     from kernelrl.actors.learn_dist import DistributedTrainer, follow, init_distributed
     from kernelrl.actors.learn_trainer import PolicyTrainer
     from kernelrl.actors.learner import LearnerActor
     from kernelrl.actors.warm_start import resolve_policy
     from kernelrl.core.run_dirs import run_dir_of
 
+    transformers_logging.disable_progress_bar()  # a long-running role's log, not a terminal
     config = args.config
     settings = config.learner
     model_dir = Path(settings.model) if settings.model else await asyncio.to_thread(resolve_policy, config)

@@ -16,8 +16,9 @@ REWARD = RewardConfig(max_turns=3, gamma=0.4)
 
 
 def settings(**kw: object) -> BufferSettings:
-    base: dict[str, object] = dict(num_rollout=4, rollout_batch_size=2, n_samples_per_prompt=2, max_inflight_groups=8,
-                                   group_timeout_s=100.0, min_group_size=2, max_off_policy_steps=1)  # fmt: skip
+    base: dict[str, object] = dict(problems=(), global_batch_size=0, num_rollout=4, rollout_batch_size=2,
+                                   n_samples_per_prompt=2, max_inflight_groups=8, group_timeout_s=100.0, min_group_size=2,
+                                   max_off_policy_steps=1)  # fmt: skip
     return BufferSettings(**(base | kw))  # type: ignore[arg-type]
 
 
@@ -199,7 +200,7 @@ def test_a_batch_takes_whole_groups_once_it_holds_global_batch_size() -> None:
     feed.add("r00001-p1-s0", [1.0])
     feed.add("r00001-p1-s1", [0.0])  # 4 >= 3: both groups whole, not 3 samples
     (batch,) = c.state.outbox_batches
-    assert batch.batch_id == "batch-000001" and batch.step == 1 and batch.total_steps == 1
+    assert batch.batch_id == "batch-000001" and batch.step == 1 and batch.total_steps == 2  # 6 samples / 3
     assert [s.trajectory_id for s in batch.samples] == ["r00001-p0-s0", "r00001-p0-s1", "r00001-p1-s0", "r00001-p1-s1"]
     assert [s.stream_seq for s in batch.samples] == [1, 2, 3, 4]
     c.clear_outbox()
@@ -247,8 +248,10 @@ def test_the_group_summary_accounts_for_every_group_closed_since_the_previous_ba
     assert g.reward_mean == pytest.approx((1.0 + 0.6 + 0.0 + 0.0 + 0.5 + 1.0 + 0.0 + 0.8 + 0.4) / 9)
     assert g.reward_change is None and g.policy_lag_mean == 0.0
     c.clear_outbox()
-    c.advance(100.0, 1)  # round 2's last group times out empty: all closed, nothing left, so no further batch
-    assert c.state.finished and c.state.outbox_batches == []
+    c.advance(100.0, 1)  # round 2's last group times out empty: all closed; a last batch reports it, with no samples
+    (last,) = c.state.outbox_batches
+    assert c.state.finished and last.step == 2 and last.samples == [] and last.total_steps == 2
+    assert (last.groups.total_groups, last.groups.groups_dropped, last.groups.lost_rollouts) == (1, 1, 2)
 
 
 def test_reward_change_is_against_the_previous_batch() -> None:

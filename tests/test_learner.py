@@ -185,3 +185,26 @@ async def test_a_learner_killed_after_a_step_resumes_at_the_next_batch(
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+async def test_a_batch_without_samples_reports_its_groups_and_keeps_the_policy(
+    bus: Bus, run_id: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The buffer's last batch holds no samples when its groups were all filtered: no optimiser step, no new version,
+    but the step summary goes out and the policy bucket says the batch is trained (``kernelrl run`` waits on it)."""
+    config = learner_config(bus, tmp_path)
+    await publish_batch(bus, 1, [(trajectory(run_id, "a", 1, 1), 1.0), (trajectory(run_id, "b", 1, 2), -1.0)])
+    await publish_batch(bus, 2, [])
+    actor, stopping, task = await run_learner(bus, config, tiny_model)
+    try:
+        await wait_for(lambda: actor.counters["steps"] >= 2, 120, "both batches")
+        update = await bus.latest_policy()
+        assert update is not None and update.version == 1 and update.step == 2
+        assert update.path == str((tmp_path / "policy" / "v000001").resolve())
+        assert actor.trainer.step == 1
+        _, second = await step_summaries(bus)
+        assert (second.step, second.samples, second.policy_version, second.tokens_trained) == (2, 0, 1, 0)
+        assert second.groups.total_groups == 1  # the summary the buffer sent is reported
+    finally:
+        stopping.set()
+        await task
