@@ -97,4 +97,3 @@ class PolicyWatcher:
             await self.check()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), poll_s)
-
