@@ -1,0 +1,42 @@
+"""``kernelrl run`` as ``make run`` starts it, on the default configuration: it warm-starts the CPU default policy,
+trains, and ends by itself with turns, trajectories and step summaries logged, groups kept and the policy moving."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+
+from kernelrl.core.run_dirs import latest_run
+
+from helpers import command_env, kernelrl_cmd
+
+
+def records(path: Path) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+@pytest.mark.slow
+def test_the_default_run_trains_end_to_end_on_the_cpu(tmp_path: Path) -> None:
+    done = subprocess.run(kernelrl_cmd("run"), cwd=tmp_path, env=command_env(), capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    run = latest_run(tmp_path / "runs")
+    assert run is not None
+    turns, trajectories, steps = (records(run.logs / name) for name in ("turns.jsonl", "trajectories.jsonl", "steps.jsonl"))
+    # 3 rounds x 2 prompts x 4 samples, each counted once
+    assert len(trajectories) == 24 and len({t["trajectory_id"] for t in trajectories}) == 24
+    assert len(turns) == sum(t["num_turns"] for t in trajectories)  # type: ignore[misc]
+    assert all(t["response_token_ids"] and t["response_logprobs"] for t in trajectories)
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    kept = [s for s in steps if s["groups"]["groups_kept"] > 0]  # type: ignore[index]
+    assert kept, "no step kept a group: the warm-started policy gave no reward spread"
+    assert sum(s["groups"]["total_groups"] for s in steps) == 6  # type: ignore[index,misc]  # every group reported once
+    for step in kept:
+        assert step["tokens_trained"] > 0 and step["weights_sha256"]  # type: ignore[operator]
+        assert Path(str(step["weights_path"])).is_dir()
+    assert max(t["policy_version"] for t in trajectories) >= 1  # type: ignore[type-var]  # later rollouts sampled new weights
+    config = (run.path / "config.toml").read_text()
+    assert "warm-" in config  # generator and learner started from the cached warm start
+    assert f"Run {run.run_id}: {len(steps)} training steps" in done.stdout
