@@ -26,7 +26,10 @@ Group rule (a group is the ``n_samples`` rollouts of one prompt; each trajectory
   members present (``advantage_estimator``, per turn index or pooled); a group whose members' aggregated returns do
   not spread (``min_group_std``) is *filtered*; else it is *kept*;
 - a trajectory of a closed group (a member arriving after the time-out, or a duplicate) and one of a group this
-  buffer never issued are ignored and counted (``late``, ``duplicates``, ``unknown``).
+  buffer never issued are ignored and counted (``late``, ``duplicates``, ``unknown``);
+- a trajectory whose ``run_id`` names another run (``kernelrl replay --to buffer``) joins the *adopted* group
+  ``<run>:<group>``, opened by its first member with the ``n_samples`` it names; adopted groups close and are judged
+  like issued ones, except that their members (another run's policy versions) are never dropped as stale.
 
 Batches. Kept groups accumulate; once they hold at least ``global_batch_size`` samples (0: ``rollout_batch_size ×
 n_samples_per_prompt``) every kept group not yet batched forms the next train batch (whole groups, so a batch may
@@ -61,6 +64,7 @@ from kernelrl.core.config import BufferSettings, RewardConfig
 STATE_VERSION = 1
 CLOSED_MEMORY = 1024  # closed groups remembered by their members' ids (duplicates vs late arrivals)
 _GROUP_ID = re.compile(r"^r(\d+)-p(\d+)$")
+UNSTAMPED = -1.0  # an adopted group's issued_at until the next advance() stamps it
 
 
 def group_id_for(round_idx: int, prompt_idx: int) -> str:
@@ -69,6 +73,11 @@ def group_id_for(round_idx: int, prompt_idx: int) -> str:
 
 def request_id_for(group_id: str, sample_idx: int) -> str:
     return f"{group_id}-s{sample_idx}"
+
+
+def adopted_group_id(run_id: str, group_id: str) -> str:
+    """An adopted group's id: the source run and its group there (no id this buffer issues holds a ':')."""
+    return f"{run_id}:{group_id}"
 
 
 def batch_id_for(step: int) -> str:
@@ -155,6 +164,7 @@ class Group(msgspec.Struct, kw_only=True):
     n_samples: int
     max_turns: int
     members: list[Member] = []
+    adopted: bool = False  # another run's group, replayed into this one (``kernelrl replay --to buffer``)
 
 
 class KeptSample(msgspec.Struct, kw_only=True):
@@ -324,6 +334,8 @@ class BufferCore:
 
     def _place(self, event: m.TrajectoryEvent, stream_seq: int) -> str:
         tid = event.trajectory_id or event.request_id
+        if event.run_id and event.run_id != self.run_id:
+            return self._adopt(event, tid, stream_seq)
         group = next((g for g in self.state.open_groups if g.group_id == event.group_id), None)
         if group is None:
             closed = next((c for c in self.state.recent_closed if c.group_id == event.group_id), None)
@@ -337,6 +349,31 @@ class BufferCore:
             return "duplicate"
         if not event.turn_returns:
             return "malformed"
+        return self._join(group, event, tid, stream_seq)
+
+    def _adopt(self, event: m.TrajectoryEvent, tid: str, stream_seq: int) -> str:
+        """Another run's trajectory (replayed from its log): a member of the adopted group ``<run>:<group>``, opened by
+        its first member with the ``n_samples`` the trajectory names, closed like any group (complete, or
+        ``group_timeout_s`` after its first member was placed) but never dropped as stale."""
+        key = adopted_group_id(event.run_id, event.group_id or tid)
+        group = next((g for g in self.state.open_groups if g.group_id == key), None)
+        if group is None:
+            closed = next((c for c in self.state.recent_closed if c.group_id == key), None)
+            if closed is not None:
+                return "duplicate" if tid in closed.trajectory_ids else "late"
+            if not event.turn_returns:
+                return "malformed"
+            group = Group(group_id=key, problem_id=event.instance_id, round=0, issued_at=UNSTAMPED,
+                          n_samples=max(1, event.n_samples), max_turns=self.reward.max_turns, adopted=True)  # fmt: skip
+            self.state.open_groups.append(group)
+            self.count("adopted_groups")
+        if any(mem.trajectory_id == tid for mem in group.members):
+            return "duplicate"
+        if not event.turn_returns:
+            return "malformed"
+        return self._join(group, event, tid, stream_seq)
+
+    def _join(self, group: Group, event: m.TrajectoryEvent, tid: str, stream_seq: int) -> str:
         group.members.append(
             Member(
                 trajectory_id=tid,
@@ -359,6 +396,9 @@ class BufferCore:
     def advance(self, now: float, policy_version: int) -> None:
         """Close timed-out groups, flush the last batch once everything is closed, issue rounds while allowed."""
         timeout = self.settings.group_timeout_s
+        for group in self.state.open_groups:
+            if group.issued_at == UNSTAMPED:  # an adopted group's time-out runs from the first advance after it opened
+                group.issued_at = now
         for group in [g for g in self.state.open_groups if now - g.issued_at >= timeout]:
             self._close(group)
         st = self.state
@@ -388,7 +428,8 @@ class BufferCore:
         t.total_tokens += sum(mem.prompt_tokens + mem.response_tokens for mem in received)
         t.reward_sum += sum(mem.aggregated_return for mem in received)
         trained_version = st.batches_published  # the policy the next batch is trained from (its step − 1)
-        fresh = [mem for mem in received if not is_stale(mem.policy_version, trained_version, s.max_off_policy_steps)]
+        fresh = [mem for mem in received
+                 if group.adopted or not is_stale(mem.policy_version, trained_version, s.max_off_policy_steps)]  # fmt: skip
         t.stale_dropped += len(received) - len(fresh)
         self.count("stale_dropped", len(received) - len(fresh))
         if len(fresh) < s.min_group_size:

@@ -6,7 +6,21 @@ import argparse
 import sys
 from types import ModuleType
 
-from kernelrl.bin import buffer, check, evaluator, generator, learner, logger, run, sample_events, server, sft, status, tap
+from kernelrl.bin import (
+    buffer,
+    check,
+    evaluator,
+    generator,
+    learner,
+    logger,
+    replay,
+    run,
+    sample_events,
+    server,
+    sft,
+    status,
+    tap,
+)
 from kernelrl.bin.common import run_command
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
@@ -18,6 +32,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "evaluator": (evaluator, "the evaluator role: compile, check and time candidates on one GPU or the CPU"),
     "logger": (logger, "the logger role: JSONL logs and console summaries"),
     "sft": (sft, "the run's starting policy: the base model, warm-started on (problem, solution) pairs (cached)"),
+    "replay": (replay, "re-evaluate a run's logged kernels with today's evaluator, or feed its trajectories to a buffer"),
     "check": (check, "the evaluator's verdict on one candidate, without NATS"),
     "status": (status, "live actors and their counters"),
     "tap": (tap, "decoded messages as they pass"),
