@@ -9,6 +9,7 @@ from types import ModuleType
 from kernelrl.bin import (
     buffer,
     check,
+    eval_policy,
     evaluator,
     generator,
     learner,
@@ -20,6 +21,7 @@ from kernelrl.bin import (
     sft,
     status,
     tap,
+    view,
 )
 from kernelrl.bin.common import run_command
 
@@ -32,7 +34,9 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "evaluator": (evaluator, "the evaluator role: compile, check and time candidates on one GPU or the CPU"),
     "logger": (logger, "the logger role: JSONL logs and console summaries"),
     "sft": (sft, "the run's starting policy: the base model, warm-started on (problem, solution) pairs (cached)"),
+    "eval": (eval_policy, "evaluate a policy without training: K samples per problem → eval_logs/eval_step_XXXX.json + samples"),
     "replay": (replay, "re-evaluate a run's logged kernels with today's evaluator, or feed its trajectories to a buffer"),
+    "view": (view, "one self-contained HTML report of a run's logs: curves, trajectories, turns and diffs"),
     "check": (check, "the evaluator's verdict on one candidate, without NATS"),
     "status": (status, "live actors and their counters"),
     "tap": (tap, "decoded messages as they pass"),

@@ -247,6 +247,7 @@ class EvalSummary(Message, frozen=True):
     pass_at_k: dict[str, float] = {}
     avg_turns_correct: float = 0.0
     avg_speedup_correct: float = 0.0
+    beat_rate: float = 0.0  # share of samples whose final kernel is correct and faster than the baseline
     eval_time: float = 0.0
     extra: dict[str, Any] = {}
 

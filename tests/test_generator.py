@@ -156,7 +156,8 @@ async def test_a_request_finished_twice_is_one_trajectory(
 async def test_kernelrl_run_publishes_rollouts_and_ends_once_their_trajectories_are_logged(tmp_path: Path) -> None:
     log = replay_log(tmp_path / "replayed.jsonl", [answer(WRONG), answer(CORRECT)])
     argv = kernelrl_cmd(
-        "run", "--runs-root", str(tmp_path / "runs"), "--set", 'generator.backend="replay"',
+        "run", "--runs-root", str(tmp_path / "runs"), "--roles", "logger,evaluator,generator,rollouts",
+        "--set", 'generator.backend="replay"',
         "--set", f"generator.replay_log={log}", "--set", f'rollout.problems=["{RELU.id}"]', "--set", "rollout.n_samples=2",
     )  # fmt: skip
     done = await asyncio.to_thread(subprocess.run, argv, cwd=tmp_path, env=command_env(), capture_output=True, text=True,
