@@ -3,6 +3,8 @@
 Subscribes: ``krl.<run>.batch`` (consumer ``learner``, the shared work loop, one batch at a time).
 Reads: each batch's trajectories from the run's event stream, by stream sequence (one gone under retention
 limits is counted in ``missing_samples``, never a crash).
+Every ``learner.eval_steps`` steps it also evaluates the new policy on the buffer's held-out problems
+(``actors/eval_policy.py``), beside training.
 Publishes: the weights, as ``<weights_dir>/v000001/`` ... (``actors/learn_trainer.py`` writes them atomically);
 the ``PolicyUpdate`` under the policy bucket's ``latest`` key; a ``StepSummary`` on ``krl.<run>.event.step``.
 
@@ -20,11 +22,13 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
 
+from kernelrl.actors.eval_policy import evaluate_policy
 from kernelrl.actors.learn_objective import TurnSample, turn_sample
 from kernelrl.actors.learn_trainer import TrainStats
 from kernelrl.core import messages as m
@@ -82,7 +86,7 @@ class LearnerActor:
     role = "learner"
 
     def __init__(self, bus: Bus, config: Config, trainer: Trainer, weights_dir: Path, checkpoint_dir: Path,
-                 actor_id: str | None = None, device: str = "cpu") -> None:  # fmt: skip
+                 actor_id: str | None = None, device: str = "cpu", heldout: Sequence[str] = ()) -> None:  # fmt: skip
         self.bus = bus
         self.config = config
         self.trainer = trainer
@@ -93,6 +97,8 @@ class LearnerActor:
         self.state = "starting"
         self.counters: Counter[str] = Counter()
         self.trained: dict[str, TrainedBatch] = {}
+        self.heldout = list(heldout)  # the problems evaluated every learner.eval_steps steps
+        self.evaluations: asyncio.Queue[int] = asyncio.Queue()
         self.loop: WorkLoop[m.TrainBatch] = WorkLoop(
             bus, consumer_for(config, self.role), config.learner.work, self, self.train_batch, busy_state="training"
         )
@@ -101,7 +107,35 @@ class LearnerActor:
         return {**self.loop.gauges(), "policy_version": float(self.trainer.step)}
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await self.loop.run(stopping, ready=self.resume)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.loop.run(stopping, ready=self.resume))
+            tg.create_task(self.evaluate_policies(stopping))
+
+    async def evaluate_policies(self, stopping: asyncio.Event) -> None:
+        """Evaluate the policy of each step queued by ``train_batch`` on the held-out problems, one at a time, beside
+        training (an evaluation waits for whole dialogues from the generators)."""
+        settings = self.config.learner
+        while not stopping.is_set():
+            try:
+                step = await asyncio.wait_for(self.evaluations.get(), 0.5)
+            except TimeoutError:
+                continue
+            log_dir = Path(self.config.logger.log_dir) if self.config.logger.log_dir else None
+            report = await evaluate_policy(self.bus, self.heldout, settings.eval_samples, self.config.reward, step=step,
+                                           timeout_s=settings.eval_timeout_s, log_dir=log_dir, stopping=stopping)  # fmt: skip
+            self.counters["evaluations"] += 1
+            log.info(
+                "eval at step %d: accuracy %.3f over %d samples", step, report.summary.accuracy, report.summary.total_samples
+            )
+
+    def queue_evaluation(self, step: int) -> None:
+        every = self.config.learner.eval_steps
+        if every <= 0 or step % every:
+            return
+        if not self.heldout:
+            log.warning("learner.eval_steps is set but the buffer holds no problems out (buffer.heldout_fraction): no eval")
+            return
+        self.evaluations.put_nowait(step)
 
     async def resume(self) -> None:
         meta = await asyncio.to_thread(self.trainer.load_checkpoint, self.checkpoint_dir)
@@ -147,6 +181,7 @@ class LearnerActor:
         self.counters["samples_missing"] += missing
         log.info("step %d: %d trajectories (%d turns, %d missing), loss %.4f → policy v%d", batch.step, len(trajectories),
                  len(samples), missing, stats.loss, update.version)  # fmt: skip
+        self.queue_evaluation(batch.step)
         return [(self.bus.subjects.event_step, summary)]
 
     def latest_update(self) -> m.PolicyUpdate:

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import orjson
 
@@ -51,6 +51,9 @@ from kernelrl.core.actor import default_actor_id
 from kernelrl.core.bus import Bus, Delivery
 from kernelrl.core.config import Config, LoggerSettings
 from kernelrl.core.consumers import consumer_for
+
+if TYPE_CHECKING:
+    from kernelrl.actors.wandb_log import WandbSink
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +173,10 @@ class LoggerActor:
         out: TextIO | None = None,
         actor_id: str | None = None,
         files: RunLogFiles | None = None,
+        sink: WandbSink | None = None,
     ) -> None:
-        """``files``: the log directory already opened (and locked) by the caller; the actor closes it."""
+        """``files``: the log directory already opened (and locked) by the caller; the actor closes it. ``sink``: a
+        W&B run that sees every event once, as it is first written."""
         self.bus = bus
         self.settings = settings
         self.verbose = settings.verbose or verbose_from_env()
@@ -181,6 +186,7 @@ class LoggerActor:
         self.state = "starting"
         self.counters: Counter[str] = Counter()
         self._files = files
+        self.sink = sink
         self._last_fsync_s = 0.0
         self._unacked = 0
 
@@ -229,6 +235,8 @@ class LoggerActor:
                 files.close()
                 await consumer.close()
                 self.out.flush()
+                if self.sink is not None:
+                    self.sink.finish()
 
     def _write_batch(self, files: RunLogFiles, batch: list[Delivery[m.Message]]) -> int:
         """Write in order; returns how many were settled (written or already on disk) before a failure."""
@@ -251,6 +259,8 @@ class LoggerActor:
                 self.counters[f"written_{kind}"] += 1
                 if self.settings.console:
                     self._print(files, delivery.msg)
+                if self.sink is not None:
+                    self.sink.observe(delivery.msg)
             else:
                 self.counters["duplicates_skipped"] += 1
         return len(batch)

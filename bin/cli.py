@@ -7,6 +7,7 @@ import sys
 from types import ModuleType
 
 from kernelrl.bin import (
+    analyze,
     buffer,
     check,
     eval_policy,
@@ -34,6 +35,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "evaluator": (evaluator, "the evaluator role: compile, check and time candidates on one GPU or the CPU"),
     "logger": (logger, "the logger role: JSONL logs and console summaries"),
     "sft": (sft, "the run's starting policy: the base model, warm-started on (problem, solution) pairs (cached)"),
+    "analyze": (analyze, "summaries, top trajectories and plots from one or several runs' logs"),
     "eval": (eval_policy, "evaluate a policy without training: K samples per problem → eval_logs/eval_step_XXXX.json + samples"),
     "replay": (replay, "re-evaluate a run's logged kernels with today's evaluator, or feed its trajectories to a buffer"),
     "view": (view, "one self-contained HTML report of a run's logs: curves, trajectories, turns and diffs"),

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from kernelrl.bin.common import add_config_arguments, add_setting_flag, command_main
 from kernelrl.core.actor import run_actor
+from kernelrl.core.bus import Bus
+from kernelrl.core.config import Config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +32,6 @@ async def amain(args: argparse.Namespace) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu  # before torch starts
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local directories; never reach for a hub
     import asyncio
-    from pathlib import Path
 
     from transformers.utils import logging as transformers_logging
 
@@ -52,11 +54,24 @@ async def amain(args: argparse.Namespace) -> int:
     weights_dir = Path(settings.weights_dir) if settings.weights_dir else run_dir / "policy"
     checkpoint_dir = Path(settings.checkpoint_dir) if settings.checkpoint_dir else run_dir / "learner"
     device = str(trainer.trainer.device)
+    heldout = heldout_problems(config)
+
+    def make(bus: Bus) -> LearnerActor:
+        return LearnerActor(bus, config, trainer, weights_dir, checkpoint_dir, device=device, heldout=heldout)
+
     try:
-        return await run_actor(lambda bus: LearnerActor(bus, config, trainer, weights_dir, checkpoint_dir, device=device),
-                               config)  # fmt: skip
+        return await run_actor(make, config)
     finally:
         trainer.close()
+
+
+def heldout_problems(config: Config) -> list[str]:
+    """The buffer's held-out problems (what ``learner.eval_steps`` evaluates), from the run's problem set."""
+    from kernelrl.actors.buffer_state import Sampler
+    from kernelrl.core.problems import builtin_problems, load_problem_set
+
+    problems = load_problem_set(Path(config.rollout.problem_dir)) if config.rollout.problem_dir else builtin_problems()
+    return list(Sampler([p.id for p in problems.problems], config.buffer).heldout)
 
 
 def main(argv: list[str] | None = None) -> int:

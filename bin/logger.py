@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting_flag(parser, "--quiet", key="logger.console", action="store_const", const=False,
                      help="no console summaries, files only")  # fmt: skip
     add_setting_flag(parser, "--fsync-interval", key="logger.fsync_interval_s", type=float, help="seconds between fsyncs")
+    add_setting_flag(parser, "--wandb", key="logger.wandb", action="store_true",
+                     help="also log step and eval metrics and trajectories to W&B (pip install 'kernelrl[wandb]')")  # fmt: skip
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -39,11 +41,21 @@ async def amain(args: argparse.Namespace) -> int:
     if not settings.log_dir:
         run_dir = RunDirectory(root=config.run.runs_root, run_id=config.bus.run)
         settings = msgspec.structs.replace(settings, log_dir=str(run_dir.logs))
+    sink = None
+    if settings.wandb:
+        from kernelrl.actors.wandb_log import WandbMissing, WandbSink
+
+        try:
+            sink = WandbSink(project=settings.wandb_project, run_name=config.bus.run, max_turns=config.reward.max_turns,
+                             samples_per_step=settings.wandb_samples_per_step, reward=config.reward)  # fmt: skip
+        except WandbMissing as exc:
+            print(f"kernelrl logger: {exc}", file=sys.stderr)
+            return EXIT_UNUSABLE_LOG_DIR
     try:
         # The directory is locked and opened before NATS is touched: a refused logger leaves no trace.
         files = RunLogFiles(Path(settings.log_dir), settings)
         try:
-            return await run_actor(lambda bus: LoggerActor(bus, settings, files=files), config)
+            return await run_actor(lambda bus: LoggerActor(bus, settings, files=files, sink=sink), config)
         finally:
             files.close()  # a no-op once the actor has closed them
     except LogDirInUse as exc:

@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting_flag(parser, "--run-dir", key="run.run_dir", help="this run's directory (default <runs-root>/<run id>)")
     add_setting_flag(parser, "--verbose", key="logger.verbose", action="store_true",
                      help="detailed console output (or VERBOSE=true)")  # fmt: skip
+    add_setting_flag(parser, "--wandb", key="logger.wandb", action="store_true",
+                     help="the logger also logs metrics and trajectories to W&B (pip install 'kernelrl[wandb]')")  # fmt: skip
     add_setting_flag(parser, "--nats-sync", key="run.nats_sync",
                      help="embedded server's JetStream sync_interval: 'always' (no acknowledged event lost if it is killed) "
                      "or a duration such as 1s or 2m (faster, loses up to that much on a crash)")  # fmt: skip
@@ -193,6 +195,14 @@ async def warm_start(config_path: Path, args: argparse.Namespace, stopping: asyn
 async def amain(args: argparse.Namespace) -> int:
     config: Config = args.config
     roles = config.run.roles
+    if config.logger.wandb and "logger" in roles:
+        from kernelrl.actors.wandb_log import WandbMissing, import_wandb
+
+        try:
+            import_wandb()
+        except WandbMissing as exc:
+            print(f"kernelrl run: {exc}", file=sys.stderr)
+            return 2
     url, run_id = config.bus.url, config.bus.run  # flags, --set, the file, then $KRL_NATS / $KRL_RUN
     if url and not run_id:
         print("kernelrl run: --run ID is needed to join a run on another broker (--nats)", file=sys.stderr)

@@ -93,6 +93,11 @@ class LoggerSettings(Settings):
     log_dir: str = ""
     verbose: bool = False
     console: bool = True
+    # W&B (pip install 'kernelrl[wandb]'; WANDB_MODE=offline works with no network): train/* and eval/* metrics per
+    # step and a full_trajectories table of up to wandb_samples_per_step trajectories per step.
+    wandb: bool = False
+    wandb_project: str = "kernelrl"
+    wandb_samples_per_step: int = 8
     fetch_batch: int = 1000
     # How long an idle fetch waits: bounds the publish-to-disk latency at low rates.
     fetch_timeout_s: float = 0.02
@@ -213,6 +218,11 @@ class LearnerSettings(Settings):
     # Versioned weights (v000001/ ...) and the resumable checkpoint; "": <run dir>/policy and <run dir>/learner.
     weights_dir: str = ""
     checkpoint_dir: str = ""
+    # Every eval_steps steps (0: never) the policy is evaluated on the buffer's held-out problems (buffer.heldout_fraction):
+    # eval_samples dialogues each, beside training; the logger writes eval_logs/eval_step_XXXX.json.
+    eval_steps: int = 0
+    eval_samples: int = 4
+    eval_timeout_s: float = 3600.0
     # A batch that crashes the learner max_deliver times is parked, not redelivered forever.
     work: WorkSettings = msgspec.field(
         default_factory=lambda: WorkSettings(ack_wait_s=1800.0, max_deliver=3, in_progress_interval_s=30.0)

@@ -138,7 +138,10 @@ async def test_kernelrl_eval_writes_the_eval_json_and_the_samples(tmp_path: Path
     assert done.returncode == 0, done.stdout + done.stderr
     summary = orjson.loads((out / "eval_logs" / "eval_step_0007.json").read_bytes())
     assert EVAL_JSON_FIELDS <= summary.keys()
-    assert "beat_rate" in summary and {"per_problem", "samples_per_problem", "n_problems", "missing", "samples_file"} <= summary["extra"].keys()
+    assert (
+        "beat_rate" in summary
+        and {"per_problem", "samples_per_problem", "n_problems", "missing", "samples_file"} <= summary["extra"].keys()
+    )
     assert (summary["step"], summary["accuracy"], summary["correct_answers"], summary["total_samples"]) == (7, 0.5, 1, 2)
     assert summary["compiled"] == 2 and summary["avg_turns_correct"] == 1.0
     assert summary["pass_at_k"] == {"1": 0.5, "2": 1.0}

@@ -208,3 +208,33 @@ async def test_a_batch_without_samples_reports_its_groups_and_keeps_the_policy(
     finally:
         stopping.set()
         await task
+
+
+async def test_every_eval_steps_steps_the_learner_evaluates_the_held_out_problems(
+    bus: Bus, run_id: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """With ``learner.eval_steps = 2``, step 2 (not step 1) sends ``eval_samples`` dialogues per held-out problem to
+    the generators, tagged as an evaluation of that step, beside training."""
+    config = learner_config(bus, tmp_path)
+    config = msgspec.structs.replace(config, learner=msgspec.structs.replace(config.learner, eval_steps=2, eval_samples=3))
+    for step in (1, 2):
+        await publish_batch(
+            bus, step, [(trajectory(run_id, f"a{step}", 1, step), 1.0), (trajectory(run_id, f"b{step}", 1, 9), -1.0)]
+        )
+    trainer = await asyncio.to_thread(PolicyTrainer, config.learner, tiny_model)
+    actor = LearnerActor(bus, config, trainer, tmp_path / "policy", tmp_path / "ckpt", heldout=["level1/4_Tanh", "level1/6_SiLU"])
+    stopping = asyncio.Event()
+    task = asyncio.create_task(actor.run(stopping))
+    try:
+        await wait_for(lambda: actor.counters["steps"] >= 2, 120, "both steps")
+        psub = await bus.js.pull_subscribe_bind(durable="generators", stream=bus.subjects.rollout_stream)  # as a generator
+        requests = []
+        while len(requests) < 6:
+            requests += [m.codec_for(m.RolloutRequest).decode(raw.data) for raw in await psub.fetch(6, timeout=30)]
+        assert sorted((r.problem_id, r.sample_idx) for r in requests) == sorted(
+            (p, i) for p in ("level1/4_Tanh", "level1/6_SiLU") for i in range(3)
+        )
+        assert {r.step for r in requests} == {2} and all(r.group_id.startswith("eval-0002-") for r in requests)
+    finally:
+        stopping.set()
+        await task

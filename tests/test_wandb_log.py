@@ -63,7 +63,9 @@ def test_a_row_has_every_turns_prompt_response_kernel_verdict_and_reward() -> No
 
 
 def test_asking_for_wandb_without_it_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    hide_wandb = "import sys; sys.modules['wandb'] = None; from kernelrl.bin.eval_policy import main; sys.exit(main(sys.argv[1:]))"  # noqa: E501
+    hide_wandb = (
+        "import sys; sys.modules['wandb'] = None; from kernelrl.bin.eval_policy import main; sys.exit(main(sys.argv[1:]))"
+    )
     done = subprocess.run([sys.executable, "-c", hide_wandb, "--runs-root", str(tmp_path / "runs"), "--wandb"],
                           cwd=tmp_path, env=command_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2

@@ -1,0 +1,264 @@
+"""Reading a run's logs for ``kernelrl analyze``: find the files, stream their records, feed ``RunStats``.
+
+Each file is read in large chunks and decoded with a msgspec ``Decoder`` of a small Struct that declares only
+the fields the analysis uses (msgspec skips the rest: prompts, kernels, token ids). Invariants: memory is one
+chunk plus the accumulators, whatever the log's size; a line that is not a valid record (a torn last line, bad
+JSON, a wrong type, a missing field) is skipped and counted in ``records.skipped``, never fatal.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from kernelrl.actors.analysis import Analysis, RunStats, StepTrend, progression_marks
+from kernelrl.core.config import RewardConfig
+
+LOG_FILES = ("turns.jsonl", "trajectories.jsonl", "steps.jsonl")
+CHUNK_BYTES = 1 << 20
+
+
+class AnalysisError(Exception):
+    """A LOGDIR that cannot be analysed (missing, or holding no log files); one line for the user."""
+
+
+# ---------------------------------------------------------------- the fields read (the rest is skipped)
+
+
+class _Eval(msgspec.Struct, gc=False):
+    compiled: bool = False
+    correctness: bool = False
+    speedup: float | None = 0.0
+    error_kind: str = ""
+    interpreter: bool = False
+
+
+class _TurnData(msgspec.Struct, gc=False):
+    reward: float = 0.0
+    eval_result: _Eval = msgspec.field(default_factory=_Eval)
+
+
+class TurnRow(msgspec.Struct, gc=False):
+    turn_idx: int
+    turn_data: _TurnData
+
+
+class _HistEval(msgspec.Struct, gc=False):
+    correctness: bool = False
+
+
+class _Hist(msgspec.Struct, gc=False):
+    eval_result: _HistEval = msgspec.field(default_factory=_HistEval)
+
+
+class _Exec(msgspec.Struct, gc=False):
+    final_correctness: bool = False
+    final_speedup: float | None = 0.0
+
+
+class TrajectoryRow(msgspec.Struct, gc=False):
+    instance_id: str
+    num_turns: int
+    turn_rewards: list[float]
+    aggregated_return: float
+    history: list[_Hist] = []
+    execution_details: _Exec = msgspec.field(default_factory=_Exec)
+    trajectory_id: str = ""
+    event_id: str = ""
+    policy_version: int = 0
+
+
+class _Groups(msgspec.Struct, gc=False):
+    total_groups: int = 0
+    groups_kept: int = 0
+    groups_filtered: int = 0
+    num_early_exit: int = 0
+    num_rollouts: int = 0
+    reward_mean: float = 0.0
+
+
+class StepRow(msgspec.Struct, gc=False):
+    step: int
+    policy_version: int = 0
+    loss: float | None = 0.0
+    groups: _Groups = msgspec.field(default_factory=_Groups)
+
+
+# ---------------------------------------------------------------- streaming
+
+T = TypeVar("T")
+
+
+def _decode_each(decoder: msgspec.json.Decoder[T], block: bytes | memoryview, bad: list[int]) -> list[T]:
+    out: list[T] = []
+    for line in bytes(block).split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            out.append(decoder.decode(line))
+        except (msgspec.DecodeError, UnicodeDecodeError):  # DecodeError covers ValidationError (wrong type, missing field)
+            bad[0] += 1
+    return out
+
+
+def stream_records(
+    path: Path, decoder: msgspec.json.Decoder[T], bad: list[int], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[list[T]]:
+    """The file's records, a chunk's worth at a time; ``bad[0]`` counts the lines skipped. A chunk of whole lines
+    is decoded in one call (the file is read up to the chunk's last newline, then seeks back to it: no copy);
+    only a chunk holding a bad line is decoded line by line."""
+    size = chunk_bytes
+    with path.open("rb", buffering=0) as f:
+        while chunk := f.read(size):
+            cut = chunk.rfind(b"\n") + 1
+            if not cut:  # a record longer than the chunk, or a last line without its newline
+                if len(chunk) < size and not f.read(1):  # end of file: a torn write, or a file written by hand
+                    yield _decode_each(decoder, chunk, bad)
+                    return
+                f.seek(-len(chunk), 1)
+                size *= 2
+                continue
+            if cut < len(chunk):
+                f.seek(cut - len(chunk), 1)
+            size = chunk_bytes
+            block = memoryview(chunk)[:cut]
+            try:
+                yield decoder.decode_lines(block)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                yield _decode_each(decoder, block, bad)
+
+
+# ---------------------------------------------------------------- one run
+
+
+def resolve_log_dir(path: Path) -> Path:
+    """A run's logs directory given it or the run directory holding ``logs/``."""
+    if not path.exists():
+        raise AnalysisError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise AnalysisError(f"{path}: not a directory")
+    if any((path / f).is_file() for f in LOG_FILES):
+        return path
+    if (path / "logs").is_dir() and any((path / "logs" / f).is_file() for f in LOG_FILES):
+        return path / "logs"
+    raise AnalysisError(f"{path}: no {', '.join(LOG_FILES)} here or in {path / 'logs'}")
+
+
+def run_reward_config(log_dir: Path, default: RewardConfig) -> RewardConfig:
+    """The ``[reward]`` table of the run's ``config.toml`` beside the logs (or in them), else ``default``."""
+    for candidate in (log_dir.parent / "config.toml", log_dir / "config.toml"):
+        if candidate.is_file():
+            try:
+                table = tomllib.loads(candidate.read_text()).get("reward", {})
+                return msgspec.convert(table, RewardConfig)
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+                raise AnalysisError(f"{candidate}: cannot read [reward]: {exc}") from None
+    return default
+
+
+def run_name(log_dir: Path) -> str:
+    """The run's id: the run directory's name (through a ``latest`` link), else the logs directory's."""
+    real = log_dir.resolve()
+    return real.parent.name if real.name == "logs" else real.name
+
+
+def progression(history: Sequence[_Hist]) -> str:
+    return progression_marks(h.eval_result.correctness for h in history)
+
+
+def read_run(log_dir: Path, reward: RewardConfig, top_n: int = 5, name: str | None = None) -> RunStats:
+    """Stream one run's log files into a ``RunStats``."""
+    name = name or run_name(log_dir)
+    stats = RunStats(name, [str(log_dir)], reward, top_n)
+    readers: dict[str, Callable[[RunStats, Path, list[int]], None]] = {
+        "turns.jsonl": _read_turns,
+        "trajectories.jsonl": _read_trajectories,
+        "steps.jsonl": _read_steps,
+    }
+    for file_name, reader in readers.items():
+        path = log_dir / file_name
+        if path.is_file():
+            bad = [0]
+            reader(stats, path, bad)
+            stats.skipped(file_name, bad[0])
+    return stats
+
+
+def _read_turns(stats: RunStats, path: Path, bad: list[int]) -> None:
+    add = stats.add_turn
+    for rows in stream_records(path, msgspec.json.Decoder(TurnRow), bad):
+        for row in rows:
+            td = row.turn_data
+            ev = td.eval_result
+            add(row.turn_idx, td.reward, ev.compiled, ev.correctness, ev.speedup or 0.0, ev.interpreter, ev.error_kind)
+
+
+def _read_trajectories(stats: RunStats, path: Path, bad: list[int]) -> None:
+    add, run = stats.add_trajectory, stats.name
+    for rows in stream_records(path, msgspec.json.Decoder(TrajectoryRow), bad):
+        for row in rows:
+            rewards = row.turn_rewards
+            ret = row.aggregated_return
+            ex = row.execution_details
+            add(
+                run,
+                row.trajectory_id or row.event_id,
+                row.instance_id,
+                row.num_turns,
+                ret,
+                rewards[0] if rewards else 0.0,
+                rewards[-1] if rewards else 0.0,
+                ex.final_correctness,
+                ex.final_speedup or 0.0,
+                progression(row.history) if ret > stats.top_floor else "",
+                row.policy_version,
+            )
+
+
+def _read_steps(stats: RunStats, path: Path, bad: list[int]) -> None:
+    for rows in stream_records(path, msgspec.json.Decoder(StepRow), bad):
+        for row in rows:
+            g = row.groups
+            stats.add_step(
+                StepTrend(
+                    run=stats.name,
+                    step=row.step,
+                    policy_version=row.policy_version,
+                    total_groups=g.total_groups,
+                    groups_kept=g.groups_kept,
+                    groups_filtered=g.groups_filtered,
+                    num_early_exit=g.num_early_exit,
+                    num_rollouts=g.num_rollouts,
+                    reward_mean=g.reward_mean,
+                    loss=row.loss or 0.0,
+                )
+            )
+
+
+# ---------------------------------------------------------------- several runs
+
+
+def analyze(paths: Sequence[Path], default_reward: RewardConfig | None = None, top_n: int = 5) -> Analysis:
+    """Every LOGDIR (a logs directory or a run directory), each with its run's reward weights, and all together.
+    ``AnalysisError`` for a path that is not a run's logs, before anything is read."""
+    default_reward = default_reward or RewardConfig()
+    log_dirs = [resolve_log_dir(Path(p)) for p in paths]
+    runs: list[RunStats] = []
+    names: set[str] = set()
+    for log_dir in log_dirs:
+        name = run_name(log_dir)
+        if name in names:  # two runs of the same name (e.g. runs/a/logs and runs/b/a): name them by path
+            name = str(log_dir)
+        names.add(name)
+        runs.append(read_run(log_dir, run_reward_config(log_dir, default_reward), top_n, name))
+    if len(runs) == 1:
+        only = runs[0].summary()
+        return Analysis(combined=only, runs=[only])
+    combined = RunStats("combined", [], runs[0].reward, top_n)
+    for stats in runs:
+        combined.merge(stats)
+    return Analysis(combined=combined.summary(), runs=[s.summary() for s in runs])

@@ -1,0 +1,221 @@
+"""``kernelrl analyze``: every number of the summary against a hand count of the fixture logs
+(tests/fixtures/analysis: run_a has 4 trajectories, 8 turns, 2 steps, a malformed, a wrongly typed and a torn
+turn line and a non-JSON trajectory line; run_b has its own [reward] weights in config.toml), the plot, the
+command, and logs written from core.messages Structs the way the logger writes them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from kernelrl.actors.analysis import HIST_EDGES, Analysis
+from kernelrl.actors.analysis_read import AnalysisError, analyze
+from kernelrl.actors.sample_events import sample_run
+from kernelrl.bin import analyze as analyze_cmd
+from kernelrl.core import messages as m
+from kernelrl.core.config import RewardConfig, SampleSettings
+
+FIXTURES = Path(__file__).parent / "fixtures" / "analysis"
+RUN_A = FIXTURES / "run_a" / "logs"
+RUN_B = FIXTURES / "run_b"  # a run directory: logs/ and config.toml
+
+
+def approx(x: float) -> object:
+    return pytest.approx(x, rel=1e-9, abs=1e-12)
+
+
+def test_one_run_every_number_is_a_hand_count() -> None:
+    a = analyze([RUN_A], top_n=2)
+    s = a.combined
+    assert a.runs == [s]
+    assert s.name == "run_a"
+    assert (s.records.turns, s.records.trajectories, s.records.steps) == (8, 4, 2)
+    assert s.records.skipped == {"turns.jsonl": 3, "trajectories.jsonl": 1}  # bad JSON, wrong type, torn; not JSON
+
+    o = s.overall
+    assert o.trajectories == 4
+    assert o.avg_turns == approx(2.0)  # (3 + 1 + 2 + 2) / 4
+    assert o.avg_return == approx(0.921)  # (0.184 + 2.4 + 0.44 + 0.66) / 4
+    assert (o.correct, o.final_correct_rate) == (3, 0.75)
+    assert o.timed_correct == 3  # final speedups 1.5, 4.0, 2.0
+    assert o.avg_speedup == approx(2.5)
+    assert o.geomean_speedup == approx(12 ** (1 / 3))  # (1.5 · 4 · 2)^(1/3)
+    assert o.fast_p == {"0.0": 0.75, "1.0": 0.75, "1.5": 0.5, "2.0": 0.25}
+    assert (s.improved, s.multi_turn) == (2, 3)  # ta1 0 -> 0.9, ta4 0.1 -> 1.4; ta3 0.4 -> 0.1 did not
+    assert s.improvement_rate == 0.5
+    assert s.improvement_rate_multi_turn == approx(2 / 3)
+
+    t0, t1, t2 = s.per_turn
+    assert [t.turn_idx for t in s.per_turn] == [0, 1, 2]
+    assert [t.trajectories for t in s.per_turn] == [4, 3, 1]
+    # turn 0: rewards 0, 2.4, 0.4, 0.1; compiled 3, correct 2 (speedups 4.0 and 0.5, speed reward 2 + 0)
+    assert t0.reward_mean == approx(0.725)
+    assert (t0.compile_reward, t0.correct_reward, t0.speed_reward) == (approx(0.075), approx(0.15), approx(0.5))
+    assert (t0.compile_rate, t0.correct_rate, t0.speedup_mean, t0.timed_correct) == (0.75, 0.5, approx(2.25), 2)
+    assert t0.error_kinds == {"none": 2, "syntax": 1, "mismatch": 1}
+    # turn 1: rewards 0.1, 0.1, 1.4; compiled 3, correct 1 (speedup 2.0, speed reward 1)
+    assert t1.reward_mean == approx(1.6 / 3)
+    assert (t1.compile_reward, t1.correct_reward, t1.speed_reward) == (approx(0.1), approx(0.1), approx(1 / 3))
+    assert (t1.compile_rate, t1.correct_rate, t1.speedup_mean) == (1.0, approx(1 / 3), approx(2.0))
+    assert t1.error_kinds == {"none": 1, "mismatch": 1, "runtime": 1}
+    # turn 2: ta1 alone, correct at 1.5x
+    assert (t2.reward_mean, t2.compile_reward, t2.correct_reward, t2.speed_reward) == (
+        approx(0.9),
+        approx(0.1),
+        approx(0.3),
+        approx(0.5),
+    )
+    assert (t2.compile_rate, t2.correct_rate, t2.speedup_mean, t2.error_kinds) == (1.0, 1.0, approx(1.5), {"none": 1})
+
+    level1, level2 = s.per_level
+    assert (level1.name, level1.trajectories, level1.avg_return, level1.correct) == ("level1", 2, approx(1.292), 2)
+    assert (level1.avg_speedup, level1.geomean_speedup) == (approx(2.75), approx(math.sqrt(6)))
+    assert level1.fast_p == {"0.0": 1.0, "1.0": 1.0, "1.5": 0.5, "2.0": 0.5}
+    assert (level2.name, level2.trajectories, level2.avg_turns, level2.avg_return) == ("level2", 2, approx(2.0), approx(0.55))
+    assert (level2.final_correct_rate, level2.avg_speedup, level2.fast_p["2.0"]) == (0.5, approx(2.0), 0.0)
+    assert [(p.name, p.trajectories, p.correct) for p in s.per_problem] == [
+        ("level1/1_ReLU", 1, 1),
+        ("level1/2_GELU", 1, 1),
+        ("level2/7_Conv", 2, 1),
+    ]
+    assert s.per_problem[0].avg_return == approx(0.184)
+
+    assert [(t.trajectory_id, t.aggregated_return, t.progression, t.final_speedup) for t in s.top] == [
+        ("ta2", 2.4, "✓", 4.0),
+        ("ta4", 0.66, "✗✓", 2.0),
+    ]
+    assert [
+        (
+            st.step,
+            st.policy_version,
+            st.groups_kept,
+            st.total_groups,
+            st.groups_filtered,
+            st.num_early_exit,
+            st.num_rollouts,
+            st.reward_mean,
+            st.loss,
+        )
+        for st in s.steps
+    ] == [
+        (1, 1, 1, 2, 1, 1, 4, 0.5, 0.25),
+        (2, 2, 2, 2, 0, 3, 4, 1.0, -0.1),
+    ]
+    # quarter-octave bins: 1.5x in [2^(2/4), 2^(3/4)), 2.0x in [2^(4/4), 2^(5/4)), 4.0x in [2^(8/4), 2^(9/4))
+    counts = s.speedup_histogram.counts
+    assert len(counts) == len(HIST_EDGES) - 1 == 32
+    assert {i: c for i, c in enumerate(counts) if c} == {18: 1, 20: 1, 24: 1}
+
+
+def test_top_n_keeps_the_best_returns_in_order() -> None:
+    s = analyze([RUN_A], top_n=3).combined
+    assert [(t.trajectory_id, t.progression) for t in s.top] == [("ta2", "✓"), ("ta4", "✗✓"), ("ta3", "✓✗")]
+    assert analyze([RUN_A], top_n=0).combined.top == []
+    assert [t.progression for t in analyze([RUN_A], top_n=10).combined.top] == ["✓", "✗✓", "✓✗", "✗✗✓"]
+
+
+def test_two_runs_combined_and_each_with_its_own_reward_weights() -> None:
+    a = analyze([RUN_A, RUN_B], top_n=2)
+    run_a, run_b = a.runs
+    assert (run_a.name, run_b.name) == ("run_a", "run_b")
+    assert run_b.reward is not None and run_b.reward.compile_weight == 0.2  # from run_b/config.toml
+    assert run_a.reward == RewardConfig()
+    assert run_b.per_turn[0].compile_reward == approx(0.1)  # tb1 compiled, tb2 not: 0.2 / 2
+    c = a.combined
+    assert c.reward is None  # the runs' weights differ
+    assert (c.records.turns, c.records.trajectories, c.records.steps) == (11, 6, 3)
+    assert c.records.skipped == {"turns.jsonl": 3, "trajectories.jsonl": 1}
+    o = c.overall
+    assert (o.trajectories, o.correct, o.timed_correct) == (6, 4, 4)
+    assert o.avg_turns == approx(11 / 6)
+    assert o.avg_return == approx(6.184 / 6)
+    assert o.avg_speedup == approx(2.625)  # 1.5, 4, 2, 3
+    assert o.geomean_speedup == approx(math.sqrt(6))  # 36^(1/4)
+    assert o.fast_p == {"0.0": approx(4 / 6), "1.0": approx(4 / 6), "1.5": 0.5, "2.0": approx(2 / 6)}
+    assert (c.improved, c.multi_turn, c.improvement_rate_multi_turn) == (2, 4, 0.5)
+    t0 = c.per_turn[0]
+    assert [t.trajectories for t in c.per_turn] == [6, 4, 1]
+    assert t0.reward_mean == approx(0.9)  # (2.9 + 2.5 + 0) / 6
+    assert t0.compile_reward == approx(0.5 / 6)  # 3 · 0.1 (run_a) + 1 · 0.2 (run_b)
+    assert t0.correct_reward == approx(0.15)
+    assert t0.speed_reward == approx(4 / 6)
+    assert t0.error_kinds == {"none": 3, "syntax": 2, "mismatch": 1}
+    assert [lv.name for lv in c.per_level] == ["level1", "level2", "level3"]
+    assert [(t.run, t.trajectory_id) for t in c.top] == [("run_b", "tb1"), ("run_a", "ta2")]
+    assert [(st.run, st.step) for st in c.steps] == [("run_a", 1), ("run_a", 2), ("run_b", 1)]
+
+
+def test_missing_or_empty_logdir_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(AnalysisError, match="no such directory"):
+        analyze([tmp_path / "nope"])
+    with pytest.raises(AnalysisError, match=r"turns\.jsonl"):
+        analyze([tmp_path])
+
+
+def test_plot_has_a_point_per_turn_and_step_and_a_bar_per_bin(tmp_path: Path) -> None:
+    from kernelrl.actors.analysis_plot import plot
+
+    png = tmp_path / "analysis.png"
+    fig = plot(analyze([RUN_A, RUN_B]), png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    by_turn, by_step, speed = fig.axes[:3]
+    assert [len(line.get_xdata()) for line in by_turn.get_lines()] == [3, 3, 3]  # reward, correct, compile by turn 0..2
+    # correct rate by turn: 3 of 6 (ta2, ta3, tb1), 1 of 4 (ta4), 1 of 1 (ta1)
+    assert list(by_turn.get_lines()[1].get_ydata()) == [approx(3 / 6), approx(1 / 4), approx(1.0)]
+    assert [len(line.get_xdata()) for line in by_step.get_lines()] == [2, 1]  # run_a's two steps, run_b's one
+    heights = [p.get_height() for p in speed.patches]
+    assert len(heights) == 32 and sum(heights) == 4  # four correct final kernels with a speedup
+
+
+def test_cli_writes_json_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, png = tmp_path / "analysis.json", tmp_path / "plot.png"
+    assert analyze_cmd.main([str(RUN_A), str(RUN_B), "--output", str(out), "--plot", str(png), "--top", "2"]) == 0
+    data = json.loads(out.read_text())
+    assert data["combined"]["overall"]["trajectories"] == 6
+    assert [r["name"] for r in data["runs"]] == ["run_a", "run_b"]
+    assert data["runs"][0]["records"]["skipped"] == {"turns.jsonl": 3, "trajectories.jsonl": 1}
+    assert msgspec.json.decode(out.read_bytes(), type=Analysis).combined.overall.correct == 4  # the Struct round-trips
+    assert png.stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "final correct 4/6 (66.7%)" in text
+    assert "✗✓" in text and "run_b" in text
+
+
+def test_cli_missing_logdir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert analyze_cmd.main([str(RUN_A), str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "kernelrl analyze:" in err and "missing: no such directory" in err
+
+
+def test_logs_written_from_message_structs(tmp_path: Path) -> None:
+    """Records encoded from core.messages Structs as the logger writes them (one encoded message per line)."""
+    log_dir = tmp_path / "run" / "logs"
+    log_dir.mkdir(parents=True)
+    turns, trajs, steps = [], [], []
+    files = {
+        m.TurnEvent: (turns, "turns.jsonl"),
+        m.TrajectoryEvent: (trajs, "trajectories.jsonl"),
+        m.StepSummary: (steps, "steps.jsonl"),
+    }
+    for _, msg in sample_run("t", SampleSettings(steps=3, groups=2, samples=4, seed=7)):
+        if type(msg) in files:
+            files[type(msg)][0].append(msg)
+    for type_, (msgs, name) in files.items():
+        (log_dir / name).write_bytes(b"".join(m.codec_for(type_).encode(x) + b"\n" for x in msgs))
+    s = analyze([tmp_path / "run"]).combined
+    assert s.records == type(s.records)(turns=len(turns), trajectories=len(trajs), steps=len(steps), skipped={})
+    assert s.overall.trajectories == 24  # 3 steps x 2 groups x 4 samples
+    assert s.overall.correct == sum(t.execution_details.final_correctness for t in trajs)
+    assert s.overall.avg_return == approx(sum(t.aggregated_return for t in trajs) / len(trajs))
+    assert [t.trajectories for t in s.per_turn] == [sum(1 for t in turns if t.turn_idx == i) for i in range(len(s.per_turn))]
+    assert s.per_turn[0].reward_mean == approx(
+        sum(t.turn_data.reward for t in turns if t.turn_idx == 0) / s.per_turn[0].trajectories
+    )
+    for t in s.per_turn:  # the components add up to the logged reward (the sample stream scores with the default weights)
+        assert t.compile_reward + t.correct_reward + t.speed_reward == approx(t.reward_mean)
+    assert [st.step for st in s.steps] == [1, 2, 3]
+    assert [st.groups_kept for st in s.steps] == [st.groups.groups_kept for st in steps]
