@@ -44,9 +44,9 @@ from kernelrl.actors.run_log import write_json_atomically
 from kernelrl.core import messages as m
 from kernelrl.core.bus import Bus
 from kernelrl.core.config import RewardConfig
+from kernelrl.core.subjects import EVAL_GROUP_PREFIX
 
 FAST_P: tuple[float, ...] = (0.0, 1.0, 1.5, 2.0)
-EVAL_GROUP_PREFIX = "eval-"
 
 # ---------------------------------------------------------------- maths
 

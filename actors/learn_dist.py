@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from kernelrl.actors.learn_trainer import PolicyTrainer, TrainStats
 
 
+log = logging.getLogger(__name__)
 IDLE_TIMEOUT = datetime.timedelta(hours=24)
 
 
@@ -164,25 +166,34 @@ class DistributedTrainer:
     def _share(self, samples: Sequence[TurnSample]) -> list[TurnSample]:
         return list(samples) if self.dist is None else share(samples, self.dist.rank, self.dist.world_size)
 
+    def _lead(self, command: tuple[Any, ...], do: Callable[[], Any]) -> Any:
+        """Send ``command`` to the other ranks, then do this rank's share. A failure here, under torchrun, leaves the
+        other ranks inside a collective this rank will never join: the process exits so torchrun ends the job (and
+        the batch comes back to a restarted learner) instead of hanging it."""
+        self._command(*command)
+        if self.dist is None:
+            return do()
+        try:
+            return do()
+        except BaseException:
+            log.exception("rank 0 failed during %r; exiting so that torchrun stops every rank", command[0])
+            logging.shutdown()
+            os._exit(1)
+
     def train_step(self, samples: Sequence[TurnSample]) -> TrainStats:
-        self._command("train", list(samples))
-        return self.trainer.train_step(self._share(samples))
+        return self._lead(("train", list(samples)), lambda: self.trainer.train_step(self._share(samples)))
 
     def sft_step(self, samples: Sequence[TurnSample]) -> TrainStats:
-        self._command("sft", list(samples))
-        return self.trainer.sft_step(self._share(samples))
+        return self._lead(("sft", list(samples)), lambda: self.trainer.sft_step(self._share(samples)))
 
     def save_policy(self, out_dir: Path) -> str:
-        self._command("save_policy", str(out_dir))
-        return self.trainer.save_policy(out_dir)
+        return self._lead(("save_policy", str(out_dir)), lambda: self.trainer.save_policy(out_dir))
 
     def save_checkpoint(self, ckpt_dir: Path, meta: dict[str, Any]) -> None:
-        self._command("save_checkpoint", str(ckpt_dir), meta)
-        self.trainer.save_checkpoint(ckpt_dir, meta)
+        self._lead(("save_checkpoint", str(ckpt_dir), meta), lambda: self.trainer.save_checkpoint(ckpt_dir, meta))
 
     def load_checkpoint(self, ckpt_dir: Path) -> dict[str, Any] | None:
-        self._command("load_checkpoint", str(ckpt_dir))
-        return self.trainer.load_checkpoint(ckpt_dir)
+        return self._lead(("load_checkpoint", str(ckpt_dir)), lambda: self.trainer.load_checkpoint(ckpt_dir))
 
     def close(self) -> None:
         """Rank 0: release the other ranks from ``follow`` and leave the process group."""

@@ -4,9 +4,18 @@ A turn trains as one sequence: the prompt token ids the generator's model saw, t
 sampled. The loss mask covers exactly the response tokens (never the prompt, never re-tokenised text); each
 response token carries the behaviour log-prob recorded at sampling time and its turn's advantage.
 
-``ppo_clip_loss``: ratio ``r = exp(logp_new − logp_behaviour)``; per token ``−min(r·A, clip(r, 1−ε, 1+ε)·A)``,
-times a truncated importance weight ``min(r, cap)`` detached (off-policy correction for stale samples) when
-``truncate_is`` is set; optionally, tokens whose ratio leaves ``[1/band, band]`` are masked out. Aggregation:
+``ppo_clip_loss``, per token ``−w · min(r·A, clip(r, 1−ε, 1+ε)·A)``:
+
+- without ``truncate_is``: PPO on the behaviour policy, ``r = exp(logp_new − logp_behaviour)``, ``w = 1``;
+- with ``truncate_is = C`` (truncated importance sampling, decoupled): the learner takes one optimiser step per batch,
+  so the policy before the step, ``π_old``, is ``π_θ`` itself (``logp_old = logp_new`` detached); the PPO ratio is
+  ``r = exp(logp_new − logp_old)`` (1 in value, ``∇ log π`` in gradient) and the behaviour-to-learner mismatch (a
+  stale sample, an engine that samples in another precision) is corrected by ``w = min(π_old / π_behaviour, C)``,
+  detached — never both at once;
+- optionally (``ratio_band``), tokens whose ``π_new / π_behaviour`` leaves ``[1/band, band]`` are masked out.
+
+The statistics report ``π_new / π_behaviour`` (mean, max); ``clip_fraction`` is the share of tokens the objective
+clipped: outside ``[1−ε, 1+ε]`` without ``truncate_is``, truncated at ``C`` with it. Aggregation:
 ``token`` (mean over every response token of the batch, the default) or ``sequence`` (mean per sequence, then
 over sequences). ``denominator`` replaces the count the aggregate divides by (response tokens for ``token``,
 sequences for ``sequence``), so that micro-batches (and data-parallel ranks) of one batch, each divided by the
@@ -63,12 +72,18 @@ def ppo_clip_loss(
     if aggregation not in ("token", "sequence"):
         raise ValueError(f"loss aggregation {aggregation!r}: choose token or sequence")
     mask = mask.float()
-    log_ratio = (new_logprobs - behaviour_logprobs) * mask
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp((new_logprobs - behaviour_logprobs) * mask)  # π_new / π_behaviour
     adv = advantages[:, None]
-    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
-    if truncate_is is not None:
-        per_token = per_token * torch.clamp(ratio.detach(), max=truncate_is)
+    if truncate_is is None:
+        policy_ratio, weight = ratio, torch.ones_like(ratio)
+        clipped = ((ratio.detach() - 1).abs() > clip_eps).float()
+    else:
+        policy_ratio = torch.exp((new_logprobs - new_logprobs.detach()) * mask)  # π_θ / π_old: 1, with its gradient
+        behaviour_weight = ratio.detach()
+        weight = torch.clamp(behaviour_weight, max=truncate_is)
+        clipped = (behaviour_weight > truncate_is).float()
+    clipped_ratio = torch.clamp(policy_ratio, 1 - clip_eps, 1 + clip_eps)
+    per_token = -weight * torch.minimum(policy_ratio * adv, clipped_ratio * adv)
     banded = torch.zeros_like(mask)
     if ratio_band is not None:
         outside = ((ratio < 1 / ratio_band) | (ratio > ratio_band)).float() * mask
@@ -82,9 +97,8 @@ def ppo_clip_loss(
         loss = per_sequence.mean() if denominator is None else per_sequence.sum() / denominator
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        clipped = ((ratio - 1).abs() > clip_eps).float() * mask
         stats = LossStats(
-            clip_fraction=float(clipped.sum() / n),
+            clip_fraction=float((clipped * mask).sum() / n),
             ratio_mean=float((ratio * mask).sum() / n),
             ratio_max=float((ratio * mask).max()) if mask.any() else 1.0,
             masked_by_band=float(banded.sum()),

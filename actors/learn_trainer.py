@@ -120,9 +120,13 @@ class PolicyTrainer:
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         dist: DistInfo | None = None,
+        sampling_temperature: float = 1.0,
     ) -> None:
+        """``sampling_temperature``: the generators' (``generator.sampling.temperature``); the behaviour log-probs are
+        of the logits divided by it, so the learner's are too (greedy, 0: the plain logits)."""
         from transformers import AutoModelForCausalLM
 
+        self.temperature = sampling_temperature if sampling_temperature > 0 else 1.0
         if settings.loss_aggregation not in ("token", "sequence"):
             raise ValueError(f"learner.loss_aggregation {settings.loss_aggregation!r}: choose token or sequence")
         self.settings = settings
@@ -255,7 +259,8 @@ class PolicyTrainer:
         first, width = batch.first_scored, batch.input_ids.shape[1]
         out = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                      logits_to_keep=width - first)  # fmt: skip
-        return torch.nn.functional.pad(token_logprobs(out.logits, batch.input_ids[:, first:]), (first, 0))
+        logits = out.logits if self.temperature == 1.0 else out.logits.float() / self.temperature
+        return torch.nn.functional.pad(token_logprobs(logits, batch.input_ids[:, first:]), (first, 0))
 
     def _reference_logprobs(self, batch: MicroBatch) -> torch.Tensor:
         if self._reference is not None:

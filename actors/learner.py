@@ -104,7 +104,7 @@ class LearnerActor:
         )
 
     def gauges(self) -> dict[str, float]:
-        return {**self.loop.gauges(), "policy_version": float(self.trainer.step)}
+        return {**self.loop.gauges(), "policy_version": float(self.latest_update().version)}
 
     async def run(self, stopping: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -121,8 +121,13 @@ class LearnerActor:
             except TimeoutError:
                 continue
             log_dir = Path(self.config.logger.log_dir) if self.config.logger.log_dir else None
-            report = await evaluate_policy(self.bus, self.heldout, settings.eval_samples, self.config.reward, step=step,
-                                           timeout_s=settings.eval_timeout_s, log_dir=log_dir, stopping=stopping)  # fmt: skip
+            try:
+                report = await evaluate_policy(self.bus, self.heldout, settings.eval_samples, self.config.reward, step=step,
+                                               timeout_s=settings.eval_timeout_s, log_dir=log_dir, stopping=stopping)  # fmt: skip
+            except Exception:  # an evaluation is a side job: it never stops training
+                self.counters["evaluations_failed"] += 1
+                log.exception("eval at step %d failed; training goes on", step)
+                continue
             self.counters["evaluations"] += 1
             log.info(
                 "eval at step %d: accuracy %.3f over %d samples", step, report.summary.accuracy, report.summary.total_samples
@@ -159,17 +164,14 @@ class LearnerActor:
         started = time.monotonic()
         trajectories, missing = await self.read_trajectories(batch)
         samples = batch_turns(trajectories)
-        if samples:
-            stats = await asyncio.to_thread(self.trainer.train_step, samples)
-            version = self.trainer.step
-            path = self.weights_dir / f"v{version:06d}"
-            sha256 = await asyncio.to_thread(self.trainer.save_policy, path)
-            update = m.PolicyUpdate(version=version, path=str(path.resolve()), sha256=sha256, run_id=self.bus.settings.run,
-                                    step=batch.step, is_lora=self.trainer.is_lora, created_at=time.time())  # fmt: skip
-        else:  # every group since the last batch was filtered (or its trajectories are gone): no step, same policy
-            stats = NO_STEP
-            previous = self.latest_update()
-            update = msgspec.structs.replace(previous, step=batch.step, created_at=time.time())
+        # Every batch makes a new version, numbered by its step (kept increasing even if batches come out of order);
+        # one with nothing to train (all its groups filtered, its trajectories gone) republishes the same weights.
+        version = max(batch.step, self.latest_update().version + 1)
+        stats = await asyncio.to_thread(self.trainer.train_step, samples) if samples else NO_STEP
+        path = self.weights_dir / f"v{version:06d}"
+        sha256 = await asyncio.to_thread(self.trainer.save_policy, path)
+        update = m.PolicyUpdate(version=version, path=str(path.resolve()), sha256=sha256, run_id=self.bus.settings.run,
+                                step=batch.step, is_lora=self.trainer.is_lora, created_at=time.time())  # fmt: skip
         summary = self.step_summary(batch, stats, update, len(trajectories), missing, time.monotonic() - started)
         self.trained[batch.batch_id] = TrainedBatch(batch_id=batch.batch_id, update=update, summary=summary)
         while len(self.trained) > KEEP_TRAINED:

@@ -260,7 +260,11 @@ class LoggerActor:
                 if self.settings.console:
                     self._print(files, delivery.msg)
                 if self.sink is not None:
-                    self.sink.observe(delivery.msg)
+                    try:
+                        self.sink.observe(delivery.msg)
+                    except Exception as exc:  # W&B is a mirror: its failure never stops the files being written
+                        self.counters["wandb_errors"] += 1
+                        log.warning("W&B did not take %s: %r", kind, exc)
             else:
                 self.counters["duplicates_skipped"] += 1
         return len(batch)

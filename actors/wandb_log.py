@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
-from kernelrl.actors.eval_policy import EVAL_GROUP_PREFIX
 from kernelrl.core import messages as m
 from kernelrl.core.config import RewardConfig
+from kernelrl.core.subjects import EVAL_GROUP_PREFIX
 
 INSTALL_HINT = "W&B logging needs the wandb package, which is not installed: pip install wandb (or pip install 'kernelrl[wandb]')"
 TABLE = "full_trajectories"

@@ -9,6 +9,8 @@ to NATS and publishes; the other ranks only train their share of each batch.
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import os
 import sys
 from pathlib import Path
@@ -17,6 +19,8 @@ from kernelrl.bin.common import add_config_arguments, add_setting_flag, command_
 from kernelrl.core.actor import run_actor
 from kernelrl.core.bus import Bus
 from kernelrl.core.config import Config
+
+log = logging.getLogger("kernelrl.learner")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +48,18 @@ async def amain(args: argparse.Namespace) -> int:
     transformers_logging.disable_progress_bar()  # a long-running role's log, not a terminal
     config = args.config
     settings = config.learner
-    model_dir = Path(settings.model) if settings.model else await asyncio.to_thread(resolve_policy, config)
     info = init_distributed()  # None unless launched by torchrun
-    trainer = DistributedTrainer(await asyncio.to_thread(PolicyTrainer, settings, model_dir, dist=info))
+    model_dir: Path | None = None
+    if info is None or info.rank == 0:  # one warm start (and one cache entry), then every rank loads it
+        model_dir = Path(settings.model) if settings.model else await asyncio.to_thread(resolve_policy, config)
+    if info is not None:
+        model_dir = Path(info.broadcast(str(model_dir) if model_dir else None))
+    sampling = config.generator.sampling
+    if sampling.top_p < 1.0 or sampling.top_k > 0:
+        log.warning("generator.sampling top_p/top_k cut the distribution the behaviour log-probs come from; the learner "
+                    "scores the whole one, so importance ratios are not 1 even on-policy")  # fmt: skip
+    make_trainer = functools.partial(PolicyTrainer, settings, model_dir, dist=info, sampling_temperature=sampling.temperature)
+    trainer = DistributedTrainer(await asyncio.to_thread(make_trainer))
     if not trainer.is_lead:
         await asyncio.to_thread(follow, trainer)  # ranks > 0 never touch NATS
         return 0

@@ -112,7 +112,11 @@ async def training_done(bus: Bus) -> bool:
     if state is None or not state.finished:
         return False
     trained = policy.step if policy is not None else 0
-    return trained >= state.batches_published and await logger_caught_up(bus)
+    if trained < state.batches_published:
+        return False
+    # the learner acks a batch after its step summary is stored: then the logger must have it
+    info = await bus.js.consumer_info(bus.subjects.batch_stream, s.LEARNER_CONSUMER)
+    return info.num_pending == 0 and info.num_ack_pending == 0 and await logger_caught_up(bus)
 
 
 def training_report(run_id: str, log_dir: Path) -> str:
@@ -133,7 +137,8 @@ def training_report(run_id: str, log_dir: Path) -> str:
     lines += [
         "  next:",
         f"    kernelrl status --run {run_id}          live actors and their counters (while a run is up)",
-        f"    kernelrl run --run {run_id}             continue this run",
+        f"    kernelrl analyze runs/{run_id}          what the policy did, turn by turn (--plot FILE.png)",
+        f"    kernelrl view runs/{run_id}             every trajectory in one HTML page",
         "    kernelrl run --set buffer.num_rollout=20  a longer run; --config FILE for a whole configuration",
     ]
     return "\n".join(lines)

@@ -152,6 +152,7 @@ BUFFER_CONSUMER = "buffer"
 LEARNER_CONSUMER = "learner"
 
 POLICY_LATEST_KEY = "latest"
+EVAL_GROUP_PREFIX = "eval-"  # group ids of evaluation rollouts (``kernelrl eval``, the learner's eval_steps): never trained
 BUFFER_STATE_KEY = "state"
 
 SUBJECT_TYPES: dict[str, type[m.Message]] = {

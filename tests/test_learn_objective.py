@@ -60,8 +60,15 @@ def test_truncated_importance_weights_and_the_ratio_band() -> None:
     behaviour = torch.tensor([[0.0, 0.0, 0.0]])
     new = torch.tensor([[0.0, math.log(3.0), math.log(1.1)]])
     mask = torch.tensor([[0, 1, 1]])
+    new.requires_grad_(True)
     loss, stats = ppo_clip_loss(new, behaviour, torch.tensor([-1.0]), mask, truncate_is=2.0)
-    assert loss.item() == pytest.approx((3.0 * 2.0 + 1.1 * 1.1) / 2)  # weights min(r, 2): 2 and 1.1
+    # the importance weight min(π/π_b, 2) (2 and 1.1) applies once, to the plain policy gradient: -w·A·∇log π
+    assert loss.item() == pytest.approx((2.0 + 1.1) / 2)
+    loss.backward()
+    assert new.grad is not None and new.grad[0].tolist() == pytest.approx([0.0, 2.0 / 2, 1.1 / 2])
+    assert stats.clip_fraction == pytest.approx(0.5)  # one of the two tokens had its weight truncated
+    assert (stats.ratio_mean, stats.ratio_max) == (pytest.approx((3.0 + 1.1) / 2), pytest.approx(3.0))
+    new = new.detach()
     banded, stats = ppo_clip_loss(new, behaviour, torch.tensor([-1.0]), mask, ratio_band=2.0)
     assert stats.masked_by_band == 1.0 and stats.tokens == 1  # the token with ratio 3 leaves [1/2, 2]
     assert banded.item() == pytest.approx(1.1)
