@@ -148,7 +148,7 @@ class BufferActor:
         self._sync_counters()
         await self._publish_outbox(state_kv)  # what a killed buffer was about to publish
         feed = TrajectoryFeed(self.bus, self.core.state.last_seq)
-        dirty = False
+        dirty = await self._catch_up(feed)
         policy_read_at = -POLICY_POLL_S
         try:
             while not stopping.is_set():
@@ -174,6 +174,18 @@ class BufferActor:
                 await self._save(state_kv)
         finally:
             await feed.close()
+
+    async def _catch_up(self, feed: TrajectoryFeed) -> bool:
+        """Read what the stream already holds before any group time-out is judged: members that arrived while the
+        buffer was down are members, not lost. Returns whether anything was read."""
+        taken = False
+        while True:
+            raws = await feed.fetch(POLL_S)
+            for raw in raws:
+                self._take(raw)
+            taken |= bool(raws)
+            if len(raws) < FETCH_BATCH:
+                return taken
 
     def _take(self, raw: Msg) -> None:
         seq = raw.metadata.sequence.stream

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -179,12 +180,22 @@ class LearnerActor:
         meta = {"trained": msgspec.to_builtins(list(self.trained.values()))}
         await asyncio.to_thread(self.trainer.save_checkpoint, self.checkpoint_dir, meta)
         await self.bus.put_policy(update)
+        await asyncio.to_thread(self.prune_versions, version)
         self.counters["steps"] += 1
         self.counters["samples_missing"] += missing
         log.info("step %d: %d trajectories (%d turns, %d missing), loss %.4f → policy v%d", batch.step, len(trajectories),
                  len(samples), missing, stats.loss, update.version)  # fmt: skip
         self.queue_evaluation(batch.step)
         return [(self.bus.subjects.event_step, summary)]
+
+    def prune_versions(self, latest: int) -> None:
+        """Delete weight versions older than the last ``learner.keep_versions`` (0: keep every one)."""
+        keep = self.config.learner.keep_versions
+        if keep <= 0:
+            return
+        for path in self.weights_dir.glob("v[0-9]*"):
+            if path.is_dir() and path.name[1:].isdigit() and int(path.name[1:]) <= latest - keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def latest_update(self) -> m.PolicyUpdate:
         """The update of the policy trained so far (version 0, the starting policy, before any step)."""

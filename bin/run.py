@@ -247,6 +247,9 @@ async def amain(args: argparse.Namespace) -> int:
         await bus.provision(consumer_table(config))
         config_path = run_dir / CONFIG_FILE  # once the run is provisioned as it says
         config_path.write_text(config_toml(config))
+        if {"generator", "learner"} <= set(roles) and bool(config.generator.model) != bool(config.learner.model):
+            log.warning("only one of generator.model and learner.model is set: the other starts from [policy], so the "
+                        "learner may train a model other than the one the generator samples")  # fmt: skip
         if needs_policy(config):
             log.info("starting policy: %s%s (cached for later runs)", config.policy.base,
                      " with its warm start" if config.policy.warm_start else "")  # fmt: skip

@@ -218,6 +218,9 @@ class LearnerSettings(Settings):
     # Versioned weights (v000001/ ...) and the resumable checkpoint; "": <run dir>/policy and <run dir>/learner.
     weights_dir: str = ""
     checkpoint_dir: str = ""
+    # Versions kept on disk (0: all). Older ones are deleted once a newer one is published; keep more than the policy
+    # lag (buffer.max_off_policy_steps + 2) so a generator never loads a deleted version.
+    keep_versions: int = 0
     # Every eval_steps steps (0: never) the policy is evaluated on the buffer's held-out problems (buffer.heldout_fraction):
     # eval_samples dialogues each, beside training; the logger writes eval_logs/eval_step_XXXX.json.
     eval_steps: int = 0

@@ -147,6 +147,8 @@ def validate(config: Config) -> None:
         "buffer.max_inflight_groups": config.buffer.max_inflight_groups,
         "buffer.group_timeout_s": config.buffer.group_timeout_s,
         "buffer.state_interval_s": config.buffer.state_interval_s,
+        "learner.eval_samples": config.learner.eval_samples,
+        "learner.eval_timeout_s": config.learner.eval_timeout_s,
         "policy.epochs": config.policy.epochs,
         "policy.learning_rate": config.policy.learning_rate,
         "policy.batch_tokens": config.policy.batch_tokens,
@@ -169,6 +171,8 @@ def validate(config: Config) -> None:
         "learner.truncate_is": config.learner.truncate_is,
         "learner.ratio_band": config.learner.ratio_band,
         "learner.kl_coef": config.learner.kl_coef,
+        "learner.keep_versions": config.learner.keep_versions,
+        "learner.eval_steps": config.learner.eval_steps,
         "learner.weight_decay": config.learner.weight_decay,
         "buffer.num_rollout": config.buffer.num_rollout,
         "buffer.global_batch_size": config.buffer.global_batch_size,
@@ -179,6 +183,14 @@ def validate(config: Config) -> None:
     for key, value in not_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must not be negative, got {value}")
+    if config.learner.device not in ("auto", "cpu") and not config.learner.device.startswith("cuda"):
+        raise ConfigError(f"learner.device: {config.learner.device!r}: use auto, cpu, cuda or cuda:N")
+    if config.learner.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"learner.dtype: {config.learner.dtype!r}: choose from auto, float32, bfloat16, float16")
+    if 0 < config.learner.keep_versions < config.buffer.max_off_policy_steps + 2:
+        raise ConfigError(f"learner.keep_versions: {config.learner.keep_versions} would delete versions generators may still "
+                          f"load; use 0 (all) or at least buffer.max_off_policy_steps + 2 "
+                          f"({config.buffer.max_off_policy_steps + 2})")  # fmt: skip
     if 0 < config.learner.ratio_band <= 1:
         raise ConfigError(f"learner.ratio_band: must be 0 (off) or above 1, got {config.learner.ratio_band}")
     if config.learner.loss_aggregation not in ("token", "sequence"):

@@ -238,3 +238,21 @@ async def test_every_eval_steps_steps_the_learner_evaluates_the_held_out_problem
     finally:
         stopping.set()
         await task
+
+
+async def test_keep_versions_deletes_all_but_the_newest_weights(bus: Bus, run_id: str, tiny_model: Path, tmp_path: Path) -> None:
+    config = learner_config(bus, tmp_path)
+    config = msgspec.structs.replace(config, learner=msgspec.structs.replace(config.learner, keep_versions=3))
+    for step in range(1, 5):
+        await publish_batch(bus, step, [(trajectory(run_id, f"k{step}", 1, step), 1.0)])
+    actor, stopping, task = await run_learner(bus, config, tiny_model)
+    try:
+        await wait_for(lambda: actor.counters["steps"] >= 4, 120, "four steps")
+        assert sorted(p.name for p in (tmp_path / "policy").iterdir() if p.name.startswith("v")) == [
+            "v000002",
+            "v000003",
+            "v000004",
+        ]
+    finally:
+        stopping.set()
+        await task
