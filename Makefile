@@ -46,6 +46,9 @@ bench: $(STAMP)
 	$(PY) bench/evaluator.py --quick
 	$(PY) bench/generator.py --quick
 	if $(PY) -c "import vllm" 2>/dev/null; then $(PY) bench/generator_vllm.py --quick; fi
+	$(PY) bench/learner.py --quick
+	$(PY) bench/analyze.py --quick
+	$(PY) bench/pipeline.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -251,7 +251,13 @@ class BufferCore:
 
     @property
     def global_batch_size(self) -> int:
-        return self.settings.global_batch_size or self.settings.rollout_batch_size * self.settings.n_samples_per_prompt
+        """``global_batch_size`` (0: a round's samples). A synchronous run (``max_off_policy_steps = 0``) trains a round
+        as one batch at least: a second batch from the same round would be trained by a newer policy than sampled it."""
+        s = self.settings
+        round_size = s.rollout_batch_size * s.n_samples_per_prompt
+        if s.max_off_policy_steps == 0:
+            return max(s.global_batch_size, round_size)
+        return s.global_batch_size or round_size
 
     @property
     def pending_samples(self) -> int:

@@ -290,6 +290,21 @@ def test_synchronous_mode_issues_the_next_round_only_after_the_previous_batch_is
     assert c.state.rounds_issued == 2
 
 
+def test_synchronous_mode_trains_a_round_as_one_batch_whatever_the_batch_size() -> None:
+    """A second batch from one round would be trained by a policy newer than the one that sampled it, and dropped as
+    stale: with max_off_policy_steps = 0 a batch holds at least a round."""
+    c = core(num_rollout=2, rollout_batch_size=2, n_samples_per_prompt=2, global_batch_size=2, max_off_policy_steps=0)
+    feed = Feed(c)
+    c.advance(0.0, 0)
+    feed.add("r00001-p0-s0", [1.0])
+    feed.add("r00001-p0-s1", [0.0])
+    assert c.state.outbox_batches == []  # 2 samples make global_batch_size, not a round
+    feed.add("r00001-p1-s0", [1.0])
+    feed.add("r00001-p1-s1", [0.0])
+    (batch,) = c.state.outbox_batches
+    assert len(batch.samples) == 4 and batch.groups.stale_dropped == 0
+
+
 def test_synchronous_mode_goes_on_when_a_whole_round_is_filtered() -> None:
     c = core(num_rollout=3, rollout_batch_size=1, n_samples_per_prompt=2, max_off_policy_steps=0)
     feed = Feed(c)
