@@ -182,17 +182,20 @@ async def warm_start(config_path: Path, args: argparse.Namespace, stopping: asyn
     is the policy's directory. None when it failed or was stopped."""
     proc = await asyncio.create_subprocess_exec(*child_argv("sft", "--config", str(config_path), "--log-level", args.log_level),
                                                 stdout=asyncio.subprocess.PIPE)  # fmt: skip
-    communicate = asyncio.ensure_future(proc.communicate())
-    stop = asyncio.ensure_future(stopping.wait())
-    await asyncio.wait({communicate, stop}, return_when=asyncio.FIRST_COMPLETED)
-    if not communicate.done():
-        proc.terminate()
-        await communicate
-    stop.cancel()
-    out, _ = communicate.result()
+
+    async def terminate_on_stop() -> None:
+        await stopping.wait()
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+
+    async with asyncio.TaskGroup() as tg:
+        watcher = tg.create_task(terminate_on_stop())
+        out, _ = await proc.communicate()
+        watcher.cancel()
     lines = out.decode().strip().splitlines()
     if proc.returncode != 0 or not lines:
-        log.error("the warm start (kernelrl sft) exited with status %s", proc.returncode)
+        if not stopping.is_set():
+            log.error("the warm start (kernelrl sft) exited with status %s", proc.returncode)
         return None
     return Path(lines[-1])
 
