@@ -55,15 +55,6 @@ async def read_buffer_state(bus: Bus) -> BufferState | None:
     return decode_state(entry.value or b"")
 
 
-async def read_policy_version(kv: KeyValue) -> int:
-    """The learner's latest policy version; 0 while it has published none. Errors propagate."""
-    try:
-        entry = await kv.get(s.POLICY_LATEST_KEY)
-    except nats.js.errors.KeyNotFoundError:
-        return 0
-    return m.codec_for(m.PolicyUpdate).decode(entry.value or b"").version
-
-
 class TrajectoryFeed:
     """The run's trajectory events in stream order from a given sequence: an ephemeral pull consumer (no acks),
     made again from the next sequence after any error (server restart, consumer gone)."""
@@ -139,7 +130,6 @@ class BufferActor:
 
     async def run(self, stopping: asyncio.Event) -> None:
         state_kv = await self.bus.kv(self.bus.subjects.buffer_bucket)
-        policy_kv = await self.bus.kv(self.bus.subjects.policy_bucket)
         saved = await read_buffer_state(self.bus)
         if saved is not None:
             self.core.state = saved
@@ -158,7 +148,8 @@ class BufferActor:
                 if time.monotonic() - policy_read_at >= POLICY_POLL_S:
                     policy_read_at = time.monotonic()
                     with contextlib.suppress(nats.errors.Error, TimeoutError, m.DecodeError):
-                        self.policy_version = max(self.policy_version, await read_policy_version(policy_kv))
+                        latest = await self.bus.latest_policy()
+                        self.policy_version = max(self.policy_version, latest.version if latest else 0)
                 before = self._progress()
                 self.core.advance(self.clock(), self.policy_version)
                 dirty |= before != self._progress()

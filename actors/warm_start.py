@@ -40,7 +40,7 @@ from kernelrl.actors.gen_models import weights_sha256
 from kernelrl.actors.learn_objective import TurnSample, turn_sample
 from kernelrl.actors.policy_init import resolve_base
 from kernelrl.core.config import Config, LearnerSettings, PolicySettings
-from kernelrl.core.problems import ProblemSet, builtin_problems, load_problem_set
+from kernelrl.core.problems import ProblemSet, problem_set
 from kernelrl.core.prompts import turn_messages
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def training_problems(config: Config) -> tuple[ProblemSet, list[str]]:
     """The problem set of ``rollout.problem_dir`` and the buffer's training problems in it (``buffer.problems``,
     less the held-out ones)."""
     problem_dir = config.rollout.problem_dir
-    problems = load_problem_set(Path(problem_dir).expanduser()) if problem_dir else builtin_problems()
+    problems = problem_set(problem_dir)
     return problems, Sampler([p.id for p in problems.problems], config.buffer).train
 
 

@@ -26,16 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from kernelrl.actors.buffer import BufferActor
     from kernelrl.actors.buffer_state import Sampler
-    from kernelrl.core.problems import builtin_problems, load_problem_set
+    from kernelrl.core.problems import problem_set
 
     config = args.config
     problem_dir = config.rollout.problem_dir
     try:
-        problems = load_problem_set(Path(problem_dir)) if problem_dir else builtin_problems()
+        problems = problem_set(problem_dir)
         Sampler([p.id for p in problems.problems], config.buffer)  # buffer.problems must name something, before NATS
     except (FileNotFoundError, ValueError) as exc:
         print(f"kernelrl buffer: {exc}", file=sys.stderr)

@@ -68,11 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def problem_list(config: Config, only: list[str], heldout: bool) -> list[str]:
     """The problem ids to evaluate; ValueError with a readable reason."""
     from kernelrl.actors.buffer_state import Sampler, select_problems
-    from kernelrl.core.problems import builtin_problems, load_problem_set
+    from kernelrl.core.problems import problem_set
 
     problem_dir = config.rollout.problem_dir
     try:
-        problems = load_problem_set(Path(problem_dir)) if problem_dir else builtin_problems()
+        problems = problem_set(problem_dir)
     except FileNotFoundError as exc:
         raise ValueError(str(exc)) from None
     ids = [p.id for p in problems.problems]

@@ -28,13 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def amain(args: argparse.Namespace) -> int:
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu  # before the worker (and torch) starts
-    from pathlib import Path
 
     from kernelrl.actors.evaluator import EvaluatorActor
-    from kernelrl.core.problems import builtin_problems, load_problem_set
+    from kernelrl.core.problems import problem_set
 
     settings = args.config.evaluator
-    problems = load_problem_set(Path(settings.problems)) if settings.problems else builtin_problems()
+    problems = problem_set(settings.problems)
     device = "cpu" if args.gpu is None else "cuda"
     return await run_actor(lambda bus: EvaluatorActor(bus, settings, device, problems), args.config)
 

@@ -28,11 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def amain(args: argparse.Namespace) -> int:
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu  # before the backend (and torch) starts
-    from pathlib import Path
 
     from kernelrl.actors.gen_backend import BackendError, make_backend
     from kernelrl.actors.generator import GeneratorActor
-    from kernelrl.core.problems import builtin_problems, load_problem_set
+    from kernelrl.core.problems import problem_set
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local directories; never reach for a hub
     from transformers.utils import logging as transformers_logging
@@ -40,7 +39,7 @@ async def amain(args: argparse.Namespace) -> int:
     transformers_logging.disable_progress_bar()  # a long-running role's log, not a terminal
     config = args.config
     problem_dir = config.rollout.problem_dir
-    problems = load_problem_set(Path(problem_dir)) if problem_dir else builtin_problems()
+    problems = problem_set(problem_dir)
     try:
         return await run_actor(lambda bus: GeneratorActor(bus, config, make_backend(config.generator), problems), config)
     except BackendError as exc:

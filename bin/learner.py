@@ -81,9 +81,9 @@ async def amain(args: argparse.Namespace) -> int:
 def heldout_problems(config: Config) -> list[str]:
     """The buffer's held-out problems (what ``learner.eval_steps`` evaluates), from the run's problem set."""
     from kernelrl.actors.buffer_state import Sampler
-    from kernelrl.core.problems import builtin_problems, load_problem_set
+    from kernelrl.core.problems import problem_set
 
-    problems = load_problem_set(Path(config.rollout.problem_dir)) if config.rollout.problem_dir else builtin_problems()
+    problems = problem_set(config.rollout.problem_dir)
     return list(Sampler([p.id for p in problems.problems], config.buffer).heldout)
 
 

@@ -79,7 +79,7 @@ async def amain(args: argparse.Namespace) -> int:
     from kernelrl.core.bus import Bus
     from kernelrl.core.consumers import consumer_table
     from kernelrl.core.messages import new_id
-    from kernelrl.core.problems import builtin_problems, load_problem_set
+    from kernelrl.core.problems import problem_set
 
     config = args.config
     logdir = Path(args.logdir)
@@ -90,7 +90,7 @@ async def amain(args: argparse.Namespace) -> int:
         return 2
     if args.to == "eval":
         try:
-            problems = load_problem_set(Path(config.rollout.problem_dir)) if config.rollout.problem_dir else builtin_problems()
+            problems = problem_set(config.rollout.problem_dir)
         except FileNotFoundError as exc:
             print(f"kernelrl replay: {exc}", file=sys.stderr)
             return 2

@@ -72,3 +72,8 @@ def load_problem_set(root: Path | str) -> ProblemSet:
 
 def builtin_problems() -> ProblemSet:
     return load_problem_set(BUILTIN_ROOT)
+
+
+def problem_set(directory: str) -> ProblemSet:
+    """The problem set a setting names: a KernelBench-style directory, or "" for the built-in set."""
+    return load_problem_set(Path(directory).expanduser()) if directory else builtin_problems()
