@@ -160,6 +160,10 @@ async def test_a_learner_killed_after_a_step_resumes_at_the_next_batch(
         raise AssertionError(f"policy version {v} never came")
 
     await wait_version(1)
+    for _ in range(600):  # killed after the step: its summary is out (the policy update goes out just before it)
+        if [s.step for s in await step_summaries(bus)] == [1]:
+            break
+        await asyncio.sleep(0.1)
     first.send_signal(signal.SIGKILL)
     await asyncio.to_thread(first.wait, 30)
     await publish_batch(bus, 2, batches[1])
