@@ -3,15 +3,21 @@
 Each file is read in large chunks and decoded with a msgspec ``Decoder`` of a small Struct that declares only
 the fields the analysis uses (msgspec skips the rest: prompts, kernels, token ids). Invariants: memory is one
 chunk plus the accumulators, whatever the log's size; a line that is not a valid record (a torn last line, bad
-JSON, a wrong type, a missing field) is skipped and counted in ``records.skipped``, never fatal.
+JSON, a wrong type, a missing field) is skipped and counted in ``records.skipped``, never fatal. A large file is
+cut into parts of whole lines, summed by worker processes and merged in file order: decoding is most of the time,
+and msgspec holds the GIL while it decodes.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import threading
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import msgspec
 
@@ -20,6 +26,7 @@ from kernelrl.core.config import RewardConfig
 
 LOG_FILES = ("turns.jsonl", "trajectories.jsonl", "steps.jsonl")
 CHUNK_BYTES = 1 << 20
+PART_BYTES = 32 << 20  # a file is read by several workers only from twice this size
 
 
 class AnalysisError(Exception):
@@ -106,17 +113,26 @@ def _decode_each(decoder: msgspec.json.Decoder[T], block: bytes | memoryview, ba
 
 
 def stream_records(
-    path: Path, decoder: msgspec.json.Decoder[T], bad: list[int], chunk_bytes: int = CHUNK_BYTES
+    path: Path,
+    decoder: msgspec.json.Decoder[T],
+    bad: list[int],
+    chunk_bytes: int = CHUNK_BYTES,
+    start: int = 0,
+    end: int | None = None,
 ) -> Iterator[list[T]]:
-    """The file's records, a chunk's worth at a time; ``bad[0]`` counts the lines skipped. A chunk of whole lines
-    is decoded in one call (the file is read up to the chunk's last newline, then seeks back to it: no copy);
-    only a chunk holding a bad line is decoded line by line."""
+    """The records of the file's bytes ``[start, end)`` (whole lines: see ``line_ranges``), a chunk's worth at a
+    time; ``bad[0]`` counts the lines skipped. A chunk of whole lines is decoded in one call (the file is read up
+    to the chunk's last newline, then seeks back to it: no copy); only a chunk holding a bad line is decoded line
+    by line."""
     size = chunk_bytes
     with path.open("rb", buffering=0) as f:
-        while chunk := f.read(size):
+        if start:
+            f.seek(start)
+        left = (end if end is not None else path.stat().st_size) - start
+        while left > 0 and (chunk := f.read(min(size, left))):
             cut = chunk.rfind(b"\n") + 1
             if not cut:  # a record longer than the chunk, or a last line without its newline
-                if len(chunk) < size and not f.read(1):  # end of file: a torn write, or a file written by hand
+                if len(chunk) == left or (len(chunk) < size and not f.read(1)):  # the range's or the file's end
                     yield _decode_each(decoder, chunk, bad)
                     return
                 f.seek(-len(chunk), 1)
@@ -124,12 +140,28 @@ def stream_records(
                 continue
             if cut < len(chunk):
                 f.seek(cut - len(chunk), 1)
+            left -= cut
             size = chunk_bytes
             block = memoryview(chunk)[:cut]
             try:
                 yield decoder.decode_lines(block)
             except (msgspec.DecodeError, UnicodeDecodeError):
                 yield _decode_each(decoder, block, bad)
+
+
+def line_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
+    """``[start, end)`` byte ranges that cover the file in about ``parts`` equal pieces, each cut just after a
+    newline, so every line lies whole in exactly one range."""
+    size = path.stat().st_size
+    cuts = [0]
+    with path.open("rb") as f:
+        for k in range(1, parts):
+            target = max(size * k // parts, cuts[-1])
+            f.seek(target)
+            f.readline()  # to the start of the next line (the file's end if there is none)
+            if (pos := f.tell()) < size and pos > cuts[-1]:
+                cuts.append(pos)
+    return list(zip(cuts, [*cuts[1:], size], strict=True))
 
 
 # ---------------------------------------------------------------- one run
@@ -170,36 +202,59 @@ def progression(history: Sequence[_Hist]) -> str:
     return progression_marks(h.eval_result.correctness for h in history)
 
 
-def read_run(log_dir: Path, reward: RewardConfig, top_n: int = 5, name: str | None = None) -> RunStats:
-    """Stream one run's log files into a ``RunStats``."""
-    name = name or run_name(log_dir)
-    stats = RunStats(name, [str(log_dir)], reward, top_n)
-    readers: dict[str, Callable[[RunStats, Path, list[int]], None]] = {
-        "turns.jsonl": _read_turns,
-        "trajectories.jsonl": _read_trajectories,
-        "steps.jsonl": _read_steps,
-    }
-    for file_name, reader in readers.items():
+class LogPart(NamedTuple):
+    """Whole lines ``[start, end)`` of one log file: what one worker reads."""
+
+    file_name: str
+    start: int
+    end: int
+
+
+def plan_parts(log_dir: Path, jobs: int, part_bytes: int = PART_BYTES) -> list[LogPart]:
+    """The run's log files as parts: a file of at least ``2 · part_bytes`` is cut into up to ``2 · jobs`` parts
+    (more parts than workers, so a worker that finishes early takes another); ``steps.jsonl`` and small files
+    are one part each."""
+    parts: list[LogPart] = []
+    for file_name in LOG_FILES:
         path = log_dir / file_name
-        if path.is_file():
-            bad = [0]
-            reader(stats, path, bad)
-            stats.skipped(file_name, bad[0])
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        pieces = max(1, min(2 * jobs, size // part_bytes)) if jobs > 1 and file_name != "steps.jsonl" else 1
+        parts.extend(LogPart(file_name, start, end) for start, end in line_ranges(path, pieces))
+    return parts
+
+
+def read_part(log_dir: Path, part: LogPart, reward: RewardConfig, top_n: int, name: str) -> RunStats:
+    """One part's sums (a worker's job); ``RunStats.merge`` adds the parts up in order."""
+    stats = RunStats(name, [], reward, top_n)
+    bad = [0]
+    _READERS[part.file_name](stats, log_dir / part.file_name, bad, part.start, part.end)
+    stats.skipped(part.file_name, bad[0])
     return stats
 
 
-def _read_turns(stats: RunStats, path: Path, bad: list[int]) -> None:
+def read_run(log_dir: Path, reward: RewardConfig, top_n: int = 5, name: str | None = None) -> RunStats:
+    """Stream one run's log files into a ``RunStats``, in this process."""
+    name = name or run_name(log_dir)
+    stats = RunStats(name, [str(log_dir)], reward, top_n)
+    for part in plan_parts(log_dir, jobs=1):
+        stats.merge(read_part(log_dir, part, reward, top_n, name))
+    return stats
+
+
+def _read_turns(stats: RunStats, path: Path, bad: list[int], start: int, end: int) -> None:
     add = stats.add_turn
-    for rows in stream_records(path, msgspec.json.Decoder(TurnRow), bad):
+    for rows in stream_records(path, msgspec.json.Decoder(TurnRow), bad, start=start, end=end):
         for row in rows:
             td = row.turn_data
             ev = td.eval_result
             add(row.turn_idx, td.reward, ev.compiled, ev.correctness, ev.speedup or 0.0, ev.interpreter, ev.error_kind)
 
 
-def _read_trajectories(stats: RunStats, path: Path, bad: list[int]) -> None:
+def _read_trajectories(stats: RunStats, path: Path, bad: list[int], start: int, end: int) -> None:
     add, run = stats.add_trajectory, stats.name
-    for rows in stream_records(path, msgspec.json.Decoder(TrajectoryRow), bad):
+    for rows in stream_records(path, msgspec.json.Decoder(TrajectoryRow), bad, start=start, end=end):
         for row in rows:
             rewards = row.turn_rewards
             ret = row.aggregated_return
@@ -219,8 +274,8 @@ def _read_trajectories(stats: RunStats, path: Path, bad: list[int]) -> None:
             )
 
 
-def _read_steps(stats: RunStats, path: Path, bad: list[int]) -> None:
-    for rows in stream_records(path, msgspec.json.Decoder(StepRow), bad):
+def _read_steps(stats: RunStats, path: Path, bad: list[int], start: int, end: int) -> None:
+    for rows in stream_records(path, msgspec.json.Decoder(StepRow), bad, start=start, end=end):
         for row in rows:
             g = row.groups
             stats.add_step(
@@ -239,22 +294,44 @@ def _read_steps(stats: RunStats, path: Path, bad: list[int]) -> None:
             )
 
 
+_READERS: dict[str, Callable[[RunStats, Path, list[int], int, int], None]] = {
+    "turns.jsonl": _read_turns,
+    "trajectories.jsonl": _read_trajectories,
+    "steps.jsonl": _read_steps,
+}
+
+
 # ---------------------------------------------------------------- several runs
 
 
-def analyze(paths: Sequence[Path], default_reward: RewardConfig | None = None, top_n: int = 5) -> Analysis:
+def default_jobs() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def analyze(
+    paths: Sequence[Path],
+    default_reward: RewardConfig | None = None,
+    top_n: int = 5,
+    jobs: int | None = None,
+    part_bytes: int = PART_BYTES,
+) -> Analysis:
     """Every LOGDIR (a logs directory or a run directory), each with its run's reward weights, and all together.
-    ``AnalysisError`` for a path that is not a run's logs, before anything is read."""
+    ``AnalysisError`` for a path that is not a run's logs, before anything is read. Large files are read by
+    ``jobs`` worker processes (default: one per CPU; 1 reads in this process), each summing whole lines of its
+    part; the parts are merged in file order, so the summary is the sequential one up to float rounding."""
     default_reward = default_reward or RewardConfig()
+    jobs = default_jobs() if jobs is None else max(1, jobs)
     log_dirs = [resolve_log_dir(Path(p)) for p in paths]
-    runs: list[RunStats] = []
+    plans: list[tuple[Path, str, RewardConfig, list[LogPart]]] = []
     names: set[str] = set()
     for log_dir in log_dirs:
         name = run_name(log_dir)
         if name in names:  # two runs of the same name (e.g. runs/a/logs and runs/b/a): name them by path
             name = str(log_dir)
         names.add(name)
-        runs.append(read_run(log_dir, run_reward_config(log_dir, default_reward), top_n, name))
+        plans.append((log_dir, name, run_reward_config(log_dir, default_reward), plan_parts(log_dir, jobs, part_bytes)))
+    runs = _read_plans(plans, top_n, jobs)
     if len(runs) == 1:
         only = runs[0].summary()
         return Analysis(combined=only, runs=[only])
@@ -262,3 +339,21 @@ def analyze(paths: Sequence[Path], default_reward: RewardConfig | None = None, t
     for stats in runs:
         combined.merge(stats)
     return Analysis(combined=combined.summary(), runs=[s.summary() for s in runs])
+
+
+def _read_plans(plans: list[tuple[Path, str, RewardConfig, list[LogPart]]], top_n: int, jobs: int) -> list[RunStats]:
+    runs = [RunStats(name, [str(log_dir)], reward, top_n) for log_dir, name, reward, _ in plans]
+    workers = min(jobs, sum(len(parts) for *_, parts in plans))
+    # Workers are forked (fast; spawn would re-run an unguarded caller's __main__), and only from a single-threaded
+    # process: a fork taken while another thread holds a lock can deadlock the child. Otherwise read here.
+    if workers <= 1 or threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
+        for stats, (log_dir, name, reward, parts) in zip(runs, plans, strict=True):
+            for part in parts:
+                stats.merge(read_part(log_dir, part, reward, top_n, name))
+        return runs
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [[pool.submit(read_part, d, part, reward, top_n, name) for part in parts] for d, name, reward, parts in plans]
+        for stats, run_futures in zip(runs, futures, strict=True):
+            for future in run_futures:
+                stats.merge(future.result())
+    return runs

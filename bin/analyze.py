@@ -1,11 +1,12 @@
-"""``kernelrl analyze LOGDIR… [--output analysis.json] [--plot FILE.png] [--top N]``: what the policy did.
+"""``kernelrl analyze LOGDIR… [--output analysis.json] [--plot FILE.png] [--top N] [--jobs N]``: what the policy did.
 
 Streams ``turns.jsonl``, ``trajectories.jsonl`` and ``steps.jsonl`` of one or several runs (LOGDIR: a run's
 ``logs`` directory or the run directory) and prints a summary: outcomes of the final kernels (correctness,
 speedup, fast_p), reward and its components by turn, levels and problems, the top trajectories by return and the
 training steps' group-summary trend. ``--output`` writes the same numbers as JSON, ``--plot`` a PNG. Reward
 weights come from the run's ``config.toml`` beside the logs, else from ``--config``/``--set`` (defaults).
-Lines that are not valid records are skipped and counted. A LOGDIR that is not a run's logs exits 2.
+Lines that are not valid records are skipped and counted. Files of 64 MB or more are read by ``--jobs`` worker
+processes (default: one per CPU). A LOGDIR that is not a run's logs exits 2.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", metavar="FILE.json", default=None, help="write the summary as JSON")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="write a PNG: by turn, by step, speedup distribution")
     parser.add_argument("--top", type=int, default=5, metavar="N", help="how many top trajectories by return (default 5)")
+    parser.add_argument(
+        "--jobs", "-j", type=int, default=None, metavar="N", help="worker processes for large logs (default: one per CPU)"
+    )
     add_config_arguments(parser, resolve=False)
 
 
@@ -35,8 +39,11 @@ async def amain(args: argparse.Namespace) -> int:
     if args.top < 0:
         print(f"{prog}: --top must be ≥ 0", file=sys.stderr)
         return 2
+    if args.jobs is not None and args.jobs < 1:
+        print(f"{prog}: --jobs must be ≥ 1", file=sys.stderr)
+        return 2
     try:
-        analysis = analyze([Path(p) for p in args.logdirs], args.config.reward, args.top)
+        analysis = analyze([Path(p) for p in args.logdirs], args.config.reward, args.top, args.jobs)
     except AnalysisError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

@@ -219,3 +219,70 @@ def test_logs_written_from_message_structs(tmp_path: Path) -> None:
         assert t.compile_reward + t.correct_reward + t.speed_reward == approx(t.reward_mean)
     assert [st.step for st in s.steps] == [1, 2, 3]
     assert [st.groups_kept for st in s.steps] == [st.groups.groups_kept for st in steps]
+
+
+def _same_numbers(a: object, b: object) -> bool:
+    """Equal structure and values, floats up to summation order (parts are summed separately, then added)."""
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_numbers(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_numbers(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_line_ranges_cover_the_file_in_whole_lines(tmp_path: Path) -> None:
+    from kernelrl.actors.analysis_read import line_ranges
+
+    path = tmp_path / "turns.jsonl"
+    lines = [b"x" * n for n in (5, 300, 1, 40, 2, 2, 2, 700, 9)]
+    path.write_bytes(b"\n".join(lines) + b"\n" + b"torn")
+    data = path.read_bytes()
+    for parts in (1, 2, 3, 7, 50):
+        ranges = line_ranges(path, parts)
+        assert ranges[0][0] == 0 and ranges[-1][1] == len(data)
+        assert all(a < b for a, b in ranges) and all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
+        assert all(data[a - 1 : a] == b"\n" for a, _ in ranges[1:])  # every part starts a line
+        assert len(ranges) <= min(parts, len(lines) + 1)
+    assert len(line_ranges(path, 3)) == 3
+
+
+def test_a_run_read_in_many_small_parts_gives_the_sequential_summary() -> None:
+    """run_a's files cut every ~200 bytes: its malformed, wrongly typed and torn lines are still skipped once each."""
+    whole = msgspec.to_builtins(analyze([RUN_A, RUN_B], top_n=3, jobs=1))
+    for jobs in (2, 5):  # workers only where this process has no other thread; the parts are the same either way
+        parted = analyze([RUN_A, RUN_B], top_n=3, jobs=jobs, part_bytes=200)
+        assert parted.runs[0].records.skipped == {"turns.jsonl": 3, "trajectories.jsonl": 1}
+        assert _same_numbers(msgspec.to_builtins(parted), whole)
+
+
+WORKERS_SCRIPT = """
+import sys, msgspec
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from kernelrl.actors import analysis_read
+
+pools = []
+class CountedPool(ProcessPoolExecutor):
+    def __init__(self, *args, **kwargs):
+        pools.append(args[0])
+        super().__init__(*args, **kwargs)
+analysis_read.ProcessPoolExecutor = CountedPool
+a = analysis_read.analyze([Path(p) for p in sys.argv[1:]], top_n=3, jobs=2, part_bytes=200)
+print(msgspec.json.encode({"pools": pools, "analysis": a}).decode())
+"""
+
+
+def test_large_logs_are_read_by_worker_processes() -> None:
+    """In a fresh single-threaded process (as `kernelrl analyze` is), jobs=2 reads the parts in a pool of 2 workers."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", WORKERS_SCRIPT, str(RUN_A), str(RUN_B)], capture_output=True, text=True, check=True, timeout=120
+    )
+    result = json.loads(out.stdout)
+    assert result["pools"] == [2]
+    whole = msgspec.to_builtins(analyze([RUN_A, RUN_B], top_n=3, jobs=1))
+    assert _same_numbers(result["analysis"], whole)

@@ -73,8 +73,7 @@ def test_asking_for_wandb_without_it_is_one_line_and_exit_2(tmp_path: Path) -> N
 
 
 def test_offline_wandb_writes_a_run_with_the_full_trajectories_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("wandb")
-    from kernelrl.actors.wandb_log import WandbSink
+    from kernelrl.actors.wandb_log import WandbSink  # wandb is in the dev extra: `make test` installs it
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
