@@ -8,7 +8,10 @@ top trajectories in a bounded heap; only the step trend (one row per training st
 
 Definitions: a trajectory's outcome is its final kernel (``execution_details``); a speedup counts only for a
 correct kernel and only when measured (> 0); ``fast_p`` (KernelBench) is the share of trajectories whose final
-kernel is correct with speedup > p; a trajectory improved when its last turn's reward beats its first's. Per turn
+kernel is correct with speedup > p, so a correct kernel that was not timed (the CPU interpreter reports speedup 0)
+counts as correct but in no ``fast_p``: on the CPU ``fast_0`` is 0 whatever the correct rate; a trajectory
+improved when its last turn's reward beats its first's. Held-out evaluation records (group ids ``eval-…``) are
+counted in ``Records`` and left out of every other number. Per turn
 index the reward components are ``compile = w_compile·compiled``, ``correct = w_correct·correct``, ``speed =
 correct·min(max(speedup − 1, 0), cap)`` (a CPU-interpreter timing earns no speed reward, as in ``core.reward``).
 """
@@ -93,11 +96,27 @@ class SpeedupHistogram(msgspec.Struct, kw_only=True):
     counts: list[int]
 
 
+class StepOutcome(msgspec.Struct, kw_only=True):
+    """Final-kernel outcomes of the trajectories sampled for one step: the rollout round that requested them
+    (``extra_info.step``), else the policy version that sampled them."""
+
+    run: str
+    step: int
+    trajectories: int
+    correct: int
+    final_correct_rate: float
+    avg_return: float
+
+
 class Records(msgspec.Struct, kw_only=True):
     turns: int = 0
     trajectories: int = 0
     steps: int = 0
     skipped: dict[str, int] = {}  # file name -> lines that were not a valid record (torn, malformed)
+    # held-out evaluation records (group ids eval-…: `kernelrl eval`, the learner's eval_steps), not in the summary;
+    # their own summaries are in eval_logs/
+    eval_turns: int = 0
+    eval_trajectories: int = 0
 
 
 class RunSummary(msgspec.Struct, kw_only=True):
@@ -115,6 +134,7 @@ class RunSummary(msgspec.Struct, kw_only=True):
     per_problem: list[Outcome]
     top: list[TopTrajectory]
     steps: list[StepTrend]
+    per_step: list[StepOutcome]
     speedup_histogram: SpeedupHistogram
 
 
@@ -216,6 +236,7 @@ class RunStats:
         self._seq = 0
         self.top_floor = -math.inf  # a trajectory enters the top only with a return above this
         self.steps: list[StepTrend] = []
+        self.by_step: dict[tuple[str, int], list[float]] = {}  # (run, step) -> [trajectories, correct, return sum]
 
     def skipped(self, file_name: str, lines: int) -> None:
         if lines:
@@ -257,8 +278,15 @@ class RunStats:
         final_speedup: float,
         progression: str,
         policy_version: int,
+        step: int,
     ) -> None:
         """``progression`` may be "" when ``aggregated_return <= top_floor`` (the trajectory cannot enter the top)."""
+        at_step = self.by_step.get((run, step))
+        if at_step is None:
+            at_step = self.by_step[(run, step)] = [0, 0, 0.0]
+        at_step[0] += 1
+        at_step[1] += final_correct
+        at_step[2] += aggregated_return
         acc = self.problems.get(problem)
         if acc is None:
             acc = self.problems[problem] = _OutcomeAcc()
@@ -314,7 +342,7 @@ class RunStats:
         """Add another run's sums (a combined summary); the other run's top entries keep their run name."""
         if self.reward != other.reward:
             self.reward = None
-        for name in ("turns", "trajectories", "steps"):
+        for name in ("turns", "trajectories", "steps", "eval_turns", "eval_trajectories"):
             setattr(self.records, name, getattr(self.records, name) + getattr(other.records, name))
         for file_name, lines in other.records.skipped.items():
             self.skipped(file_name, lines)
@@ -330,6 +358,11 @@ class RunStats:
             if ret > self.top_floor:
                 self._offer((ret, -self._seq, entry))
         self.steps.extend(other.steps)
+        for key, (n, correct, ret) in other.by_step.items():
+            mine = self.by_step.setdefault(key, [0, 0, 0.0])
+            mine[0] += n
+            mine[1] += correct
+            mine[2] += ret
         self.log_dirs.extend(other.log_dirs)
 
     def summary(self) -> RunSummary:
@@ -354,8 +387,17 @@ class RunStats:
             per_problem=[self.problems[k].outcome(k) for k in sorted(self.problems)],
             top=[entry for _, _, entry in sorted(self._top, key=lambda t: (-t[0], -t[1]))],
             steps=self.steps,
+            per_step=self._per_step(),
             speedup_histogram=SpeedupHistogram(edges=list(HIST_EDGES), counts=list(self.hist)),
         )
+
+    def _per_step(self) -> list[StepOutcome]:
+        """By run (in the order first seen), then by step."""
+        runs = {run: i for i, run in enumerate(dict.fromkeys(run for run, _ in self.by_step))}
+        return [
+            StepOutcome(run=run, step=step, trajectories=int(n), correct=int(c), final_correct_rate=c / n, avg_return=r / n)
+            for (run, step), (n, c, r) in sorted(self.by_step.items(), key=lambda kv: (runs[kv[0][0]], kv[0][1]))
+        ]
 
     def _turn_summary(self, idx: int, acc: _TurnAcc) -> TurnSummary:
         n = acc.n

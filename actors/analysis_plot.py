@@ -1,7 +1,8 @@
 """``kernelrl analyze --plot``: the analysis as one PNG (matplotlib, Agg, no display).
 
-Three panels: reward and compile/correct rates by turn index; the groups' mean reward by training step (one line
-per run); the speedup distribution of correct final kernels (the summary's log-scale histogram). Invariant: drawn
+Three panels: reward and compile/correct rates by turn index; by step, the groups' mean reward (``steps.jsonl``)
+and the final correct rate of the trajectories each step sampled (one line of each per run); the speedup
+distribution of correct final kernels (the summary's log-scale histogram). Invariant: drawn
 from an ``Analysis`` only (no log is read here), on a ``matplotlib.figure.Figure`` of its own (no pyplot state),
 so the figure returned is what the PNG shows. Imported only when a plot is asked for.
 """
@@ -32,13 +33,19 @@ def plot(analysis: Analysis, path: Path | None = None) -> Figure:
     by_turn.set(title="Reward and correctness by turn", xlabel="turn index", xticks=turns)
     by_turn.legend()
 
-    runs = list(dict.fromkeys(st.run for st in s.steps))
-    for run in runs:
+    several = len({st.run for st in s.steps} | {o.run for o in s.per_step}) > 1
+    for run in dict.fromkeys(st.run for st in s.steps):
         rows = [st for st in s.steps if st.run == run]
-        by_step.plot([st.step for st in rows], [st.reward_mean for st in rows], marker=".", label=run)
-    by_step.set(title="Group mean reward by step", xlabel="training step", ylabel="reward_mean")
+        label = f"group reward_mean ({run})" if several else "group reward_mean"
+        by_step.plot([st.step for st in rows], [st.reward_mean for st in rows], marker=".", label=label)
+    for run in dict.fromkeys(o.run for o in s.per_step):
+        outcomes = [o for o in s.per_step if o.run == run]
+        label = f"final correct rate ({run})" if several else "final correct rate"
+        rates = [o.final_correct_rate for o in outcomes]
+        by_step.plot([o.step for o in outcomes], rates, marker="x", linestyle="--", label=label)
+    by_step.set(title="Reward and correctness by step", xlabel="step")
     by_step.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if len(runs) > 1:
+    if s.steps or s.per_step:
         by_step.legend()
 
     hist = s.speedup_histogram

@@ -17,12 +17,13 @@ import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
 from kernelrl.actors.analysis import Analysis, RunStats, StepTrend, progression_marks
 from kernelrl.core.config import RewardConfig
+from kernelrl.core.subjects import EVAL_GROUP_PREFIX
 
 LOG_FILES = ("turns.jsonl", "trajectories.jsonl", "steps.jsonl")
 CHUNK_BYTES = 1 << 20
@@ -52,6 +53,7 @@ class _TurnData(msgspec.Struct, gc=False):
 class TurnRow(msgspec.Struct, gc=False):
     turn_idx: int
     turn_data: _TurnData
+    group_id: str = ""
 
 
 class _HistEval(msgspec.Struct, gc=False):
@@ -67,6 +69,10 @@ class _Exec(msgspec.Struct, gc=False):
     final_speedup: float | None = 0.0
 
 
+class _TrajectoryExtra(msgspec.Struct, gc=False):
+    step: Any = None  # an int from the generator; anything else (another tool's extra_info) falls back
+
+
 class TrajectoryRow(msgspec.Struct, gc=False):
     instance_id: str
     num_turns: int
@@ -77,6 +83,8 @@ class TrajectoryRow(msgspec.Struct, gc=False):
     trajectory_id: str = ""
     event_id: str = ""
     policy_version: int = 0
+    group_id: str = ""
+    extra_info: _TrajectoryExtra = msgspec.field(default_factory=_TrajectoryExtra)
 
 
 class _Groups(msgspec.Struct, gc=False):
@@ -132,7 +140,7 @@ def stream_records(
         while left > 0 and (chunk := f.read(min(size, left))):
             cut = chunk.rfind(b"\n") + 1
             if not cut:  # a record longer than the chunk, or a last line without its newline
-                if len(chunk) == left or (len(chunk) < size and not f.read(1)):  # the range's or the file's end
+                if len(chunk) < size:  # the range's end, or the file's (it was cut back): a torn or unfinished line
                     yield _decode_each(decoder, chunk, bad)
                     return
                 f.seek(-len(chunk), 1)
@@ -244,18 +252,24 @@ def read_run(log_dir: Path, reward: RewardConfig, top_n: int = 5, name: str | No
 
 
 def _read_turns(stats: RunStats, path: Path, bad: list[int], start: int, end: int) -> None:
-    add = stats.add_turn
+    add, records = stats.add_turn, stats.records
     for rows in stream_records(path, msgspec.json.Decoder(TurnRow), bad, start=start, end=end):
         for row in rows:
+            if row.group_id.startswith(EVAL_GROUP_PREFIX):
+                records.eval_turns += 1
+                continue
             td = row.turn_data
             ev = td.eval_result
             add(row.turn_idx, td.reward, ev.compiled, ev.correctness, ev.speedup or 0.0, ev.interpreter, ev.error_kind)
 
 
 def _read_trajectories(stats: RunStats, path: Path, bad: list[int], start: int, end: int) -> None:
-    add, run = stats.add_trajectory, stats.name
+    add, run, records = stats.add_trajectory, stats.name, stats.records
     for rows in stream_records(path, msgspec.json.Decoder(TrajectoryRow), bad, start=start, end=end):
         for row in rows:
+            if row.group_id.startswith(EVAL_GROUP_PREFIX):
+                records.eval_trajectories += 1
+                continue
             rewards = row.turn_rewards
             ret = row.aggregated_return
             ex = row.execution_details
@@ -271,6 +285,7 @@ def _read_trajectories(stats: RunStats, path: Path, bad: list[int], start: int, 
                 ex.final_speedup or 0.0,
                 progression(row.history) if ret > stats.top_floor else "",
                 row.policy_version,
+                step if type(step := row.extra_info.step) is int else row.policy_version,
             )
 
 
@@ -344,9 +359,10 @@ def analyze(
 def _read_plans(plans: list[tuple[Path, str, RewardConfig, list[LogPart]]], top_n: int, jobs: int) -> list[RunStats]:
     runs = [RunStats(name, [str(log_dir)], reward, top_n) for log_dir, name, reward, _ in plans]
     workers = min(jobs, sum(len(parts) for *_, parts in plans))
+    split = any(part.start > 0 for *_, parts in plans for part in parts)  # else every file is small: one part each
     # Workers are forked (fast; spawn would re-run an unguarded caller's __main__), and only from a single-threaded
     # process: a fork taken while another thread holds a lock can deadlock the child. Otherwise read here.
-    if workers <= 1 or threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if not split or workers <= 1 or threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
         for stats, (log_dir, name, reward, parts) in zip(runs, plans, strict=True):
             for part in parts:
                 stats.merge(read_part(log_dir, part, reward, top_n, name))

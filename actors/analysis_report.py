@@ -5,7 +5,11 @@ Invariant: pure formatting; every number printed is a field of the ``--output`` 
 
 from __future__ import annotations
 
-from kernelrl.actors.analysis import Analysis, Outcome, RunSummary, StepTrend
+from typing import TypeVar
+
+from kernelrl.actors.analysis import Analysis, Outcome, RunSummary
+
+T = TypeVar("T")
 
 RULE = "─" * 100
 MAX_PROBLEMS = 15
@@ -45,7 +49,7 @@ def _outcome_table(title: str, rows: list[Outcome], limit: int | None = None) ->
     return lines
 
 
-def _steps_shown(steps: list[StepTrend]) -> list[StepTrend]:
+def _steps_shown(steps: list[T]) -> list[T]:
     if len(steps) <= MAX_STEPS:
         return steps
     idx = sorted({round(i * (len(steps) - 1) / (MAX_STEPS - 1)) for i in range(MAX_STEPS)})
@@ -59,6 +63,13 @@ def run_report(s: RunSummary, several_runs: bool = False) -> str:
     lines = [
         RULE,
         f"{s.name}: {rec.trajectories:,} trajectories, {rec.turns:,} turns, {rec.steps:,} steps  (lines skipped: {skipped})",
+    ]
+    if rec.eval_trajectories or rec.eval_turns:
+        lines.append(
+            f"Held-out evaluation records left out: {rec.eval_trajectories:,} trajectories, {rec.eval_turns:,} turns "
+            "(their summaries: eval_logs/)"
+        )
+    lines += [
         RULE,
         f"Trajectories: {o.trajectories:,}   avg turns {_num(o.avg_turns, '.2f')}   avg return {_num(o.avg_return)}   "
         f"final correct {o.correct:,}/{o.trajectories:,} ({_pct(o.final_correct_rate)})",
@@ -100,6 +111,16 @@ def run_report(s: RunSummary, several_runs: bool = False) -> str:
             )
         if len(s.steps) > MAX_STEPS:
             lines.append(f"        ({MAX_STEPS} of {len(s.steps)} steps shown, evenly spaced; all in the --output JSON)")
+    if s.per_step:
+        lines += ["", "Trajectories by the step that sampled them:  step  trajectories  final correct  avg return"]
+        for o in _steps_shown(s.per_step):
+            run = f"  {o.run}" if several_runs else ""
+            lines.append(
+                f"{'':>44}{o.step:>6}  {o.trajectories:>12,}  {o.correct:>6,} ({_pct(o.final_correct_rate):>6})  "
+                f"{o.avg_return:>10.3f}{run}"
+            )
+        if len(s.per_step) > MAX_STEPS:
+            lines.append(f"{'':>44}({MAX_STEPS} of {len(s.per_step)} steps shown, evenly spaced; all in the --output JSON)")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Console text in the seed formats: turn lines, trajectory summaries, step and eval summaries.
+"""Console text in the seed formats: turn lines, trajectory summaries, step summaries and the eval block.
 
 Pure functions from messages to strings; concise by default, more with ``verbose``.
 """
@@ -6,6 +6,7 @@ Pure functions from messages to strings; concise by default, more with ``verbose
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from kernelrl.core import messages as m
 
@@ -130,18 +131,43 @@ def format_parked(ev: m.WorkParked) -> str:
     )
 
 
-def format_eval_summary(ev: m.EvalSummary, saved_to: str) -> str:
-    n = ev.total_samples or 1
+_SUMMARY_FIELDS = frozenset(m.EvalSummary.__struct_fields__)
+
+
+def summary_value(ev: m.EvalSummary, name: str, default: Any = 0.0) -> Any:
+    """A number of the summary, wherever it lives (a field, or ``extra``)."""
+    return getattr(ev, name) if name in _SUMMARY_FIELDS else ev.extra.get(name, default)
+
+
+def format_eval_block(ev: m.EvalSummary, saved_to: str = "", samples_to: str = "") -> str:
+    """The seed note's block after an evaluation (``Detailed Rubric Statistics:``, then where it was saved), with our
+    numbers added: what ``kernelrl eval`` and the logger print."""
+    n = ev.total_samples
+    pct = (lambda x: 100.0 * x / n) if n else (lambda x: 0.0)
+    k = summary_value(ev, "samples_per_problem", 0)
+    problems = summary_value(ev, "n_problems", 0)
     lines = [
-        f"Eval at step {ev.step} (policy v{ev.policy_version}):",
-        f"   Accuracy: {ev.correct_answers}/{ev.total_samples} ({100.0 * ev.accuracy:.1f}%)",
-        f"   Compiled: {ev.compiled}/{ev.total_samples} ({100.0 * ev.compiled / n:.1f}%)",
-        f"   Reward: avg {ev.avg_reward:.3f}  median {ev.median_reward:.3f}  std {ev.std_reward:.3f}",
+        f"Eval at step {ev.step} (policy v{ev.policy_version}): {problems} problems × {k} samples, {ev.eval_time:.1f}s",
+        "Detailed Rubric Statistics:",
+        f"   Accuracy: {ev.correct_answers}/{n} ({pct(ev.correct_answers):.1f}%)",
+        f"   Attempted answers: {ev.compiled}/{n} ({pct(ev.compiled):.1f}%)",
         f"   Avg turns (correct): {ev.avg_turns_correct:.2f} turns",
+        f"   Reward: avg {ev.avg_reward:.3f}  median {ev.median_reward:.3f}  std {ev.std_reward:.3f}  "
+        f"min {ev.min_reward:.3f}  max {ev.max_reward:.3f}",
     ]
-    if ev.fast_p:
-        lines.append("   " + "  ".join(f"fast_{p}: {v:.3f}" for p, v in sorted(ev.fast_p.items())))
-    lines.append(f"Eval stats saved to: {saved_to}")
+    fast = "  ".join(f"fast_{p}: {v:.3f}" for p, v in ev.fast_p.items())
+    passes = "  ".join(f"pass@{kk}: {v:.3f}" for kk, v in ev.pass_at_k.items())
+    lines += [f"   {rates}" for rates in (fast, passes) if rates]
+    lines.append(f"   Beat rate (correct and faster than baseline): {100.0 * summary_value(ev, 'beat_rate'):.1f}%")
+    missing = summary_value(ev, "missing", 0)
+    if missing:
+        lines.append(f"   Missing (parked or timed out, not scored): {missing}")
+    if saved_to or samples_to:
+        lines.append("")
+    if saved_to:
+        lines.append(f"Eval stats saved to: {saved_to}")
+    if samples_to:
+        lines.append(f"Eval samples saved to: {samples_to}")
     return "\n".join(lines)
 
 

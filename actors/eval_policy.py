@@ -7,7 +7,8 @@ rollout requests for fixed problems on a run's bus, collect their trajectories, 
 Definitions, all over the trajectories that arrived (a request parked or timed out is reported as missing, never
 scored), and all about a trajectory's *final* turn (the kernel the dialogue ended with):
 
-- ``accuracy`` = correct / total; ``compiled`` = final kernels that compiled ("attempted answers");
+- ``accuracy`` = correct / total; ``compiled`` = final kernels that compiled (the seed's "attempted answers",
+  ``attempted_answer`` in the eval JSON);
 - ``avg_turns_correct``, ``avg_speedup_correct``: means over the correct trajectories (0 if none);
 - reward = the trajectory's ``aggregated_return`` (``R_0``, what training maximises); ``std_reward`` is the
   population standard deviation;
@@ -191,39 +192,6 @@ def summarize(
                          policy_version=version, extra=rest, **top)  # fmt: skip
 
 
-def summary_value(ev: m.EvalSummary, name: str, default: Any = 0.0) -> Any:
-    """A number of the summary, wherever it lives (a field, or ``extra``)."""
-    return getattr(ev, name) if name in _SUMMARY_FIELDS else ev.extra.get(name, default)
-
-
-def format_eval_block(ev: m.EvalSummary, saved_to: str = "", samples_to: str = "") -> str:
-    """The console block of the seed note: detailed statistics, then where they were saved."""
-    n = ev.total_samples
-    pct = (lambda x: 100.0 * x / n) if n else (lambda x: 0.0)
-    k = summary_value(ev, "samples_per_problem", 0)
-    problems = summary_value(ev, "n_problems", 0)
-    lines = [
-        f"Eval at step {ev.step} (policy v{ev.policy_version}): {problems} problems × {k} samples, {ev.eval_time:.1f}s",
-        "Detailed Statistics:",
-        f"   Accuracy: {ev.correct_answers}/{n} ({pct(ev.correct_answers):.1f}%)",
-        f"   Attempted answers (compiled): {ev.compiled}/{n} ({pct(ev.compiled):.1f}%)",
-        f"   Avg turns (correct): {ev.avg_turns_correct:.2f} turns",
-        f"   Reward: avg {ev.avg_reward:.3f}  median {ev.median_reward:.3f}  std {ev.std_reward:.3f}  "
-        f"min {ev.min_reward:.3f}  max {ev.max_reward:.3f}",
-        "   " + "  ".join(f"fast_{p}: {v:.3f}" for p, v in ev.fast_p.items()),
-        "   " + "  ".join(f"pass@{kk}: {v:.3f}" for kk, v in ev.pass_at_k.items()),
-        f"   Beat rate (correct and faster than baseline): {100.0 * summary_value(ev, 'beat_rate'):.1f}%",
-    ]
-    missing = summary_value(ev, "missing", 0)
-    if missing:
-        lines.append(f"   Missing (parked or timed out, not scored): {missing}")
-    if saved_to:
-        lines.append(f"Eval stats saved to: {saved_to}")
-    if samples_to:
-        lines.append(f"Eval samples saved to: {samples_to}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- files
 
 
@@ -268,37 +236,57 @@ def eval_requests(run_id: str, problem_ids: Sequence[str], samples: int, reward:
 
 class Collected(msgspec.Struct, kw_only=True):
     trajectories: list[m.TrajectoryEvent]
+    turns: list[m.TurnEvent]  # of those trajectories, without token ids (only when asked for)
     parked: list[str]  # request ids that exhausted their deliveries
     missing: list[str]  # request ids with neither a trajectory nor a parking before the time-out
     eval_time: float
 
 
+def without_tokens(ev: m.TurnEvent) -> m.TurnEvent:
+    """The turn as text: its token ids and logprobs dropped."""
+    data = msgspec.structs.replace(ev.turn_data, prompt_token_ids=[], response_token_ids=[], response_logprobs=[])
+    return msgspec.structs.replace(ev, turn_data=data)
+
+
 async def collect_trajectories(
-    bus: Bus, requests: Sequence[m.RolloutRequest], timeout_s: float, stopping: asyncio.Event | None = None
+    bus: Bus,
+    requests: Sequence[m.RolloutRequest],
+    timeout_s: float,
+    stopping: asyncio.Event | None = None,
+    with_turns: bool = False,
 ) -> Collected:
     """Publish ``requests`` and wait for each one's trajectory (or its parking) on the run's event stream.
 
     Ordered consumers from "now" are made before publishing, so no trajectory can slip past. Stops early when
-    ``stopping`` is set (what has arrived is returned, the rest counted missing)."""
+    ``stopping`` is set (what has arrived is returned, the rest counted missing). ``with_turns``: the trajectories'
+    turn events too, read through one consumer of every event subject, where a dialogue's turns come before its
+    trajectory (the generator stores them first), so they are all in once the trajectories are."""
     wanted = {r.request_id for r in requests}
     found: dict[str, m.TrajectoryEvent] = {}
+    turns: list[m.TurnEvent] = []
     parked: set[str] = set()
     settled = asyncio.Event()
+    read = {bus.subjects.event_trajectory, bus.subjects.event_parked} | ({bus.subjects.event_turn} if with_turns else set())
 
     async def on_message(msg: Any) -> None:
+        if msg.subject not in read:
+            return
         try:
             event = bus.decode(msg.subject, msg.data, msg.headers)
         except m.DecodeError:
             return
         if isinstance(event, m.TrajectoryEvent) and event.request_id in wanted:
             found.setdefault(event.request_id, event)
+        elif isinstance(event, m.TurnEvent) and event.trajectory_id in wanted:
+            turns.append(without_tokens(event))
         elif isinstance(event, m.WorkParked) and event.message_id in wanted:
             parked.add(event.message_id)
         if len(found.keys() | parked) == len(wanted):
             settled.set()
 
     subs = []
-    for subject in (bus.subjects.event_trajectory, bus.subjects.event_parked):
+    subjects = [bus.subjects.events] if with_turns else [bus.subjects.event_trajectory, bus.subjects.event_parked]
+    for subject in subjects:
         subs.append(await bus.js.subscribe(subject, stream=bus.subjects.event_stream, cb=on_message, ordered_consumer=True,
                                            deliver_policy=api.DeliverPolicy.NEW, idle_heartbeat=5.0))  # fmt: skip
     started = time.monotonic()
@@ -320,13 +308,15 @@ async def collect_trajectories(
     order = {r.request_id: i for i, r in enumerate(requests)}
     trajectories = sorted(found.values(), key=lambda t: order[t.request_id])
     missing = sorted(wanted - found.keys() - parked, key=order.__getitem__)
-    return Collected(trajectories=trajectories, parked=sorted(parked - found.keys(), key=order.__getitem__), missing=missing,
-                     eval_time=eval_time)  # fmt: skip
+    turns = sorted((t for t in turns if t.trajectory_id in found), key=lambda t: (order[t.trajectory_id], t.turn_idx))
+    return Collected(trajectories=trajectories, turns=turns, parked=sorted(parked - found.keys(), key=order.__getitem__),
+                     missing=missing, eval_time=eval_time)  # fmt: skip
 
 
 class EvalReport(msgspec.Struct, kw_only=True):
     summary: m.EvalSummary
     trajectories: list[m.TrajectoryEvent]
+    turns: list[m.TurnEvent]  # the trajectories' turns, as text (``with_turns`` only)
     samples_file: str  # "" when no samples directory was given
     json_file: str  # where the logger writes (or will write) the summary, if it logs to ``log_dir``
 
@@ -341,13 +331,15 @@ async def evaluate_policy(
     timeout_s: float = 3600.0,
     log_dir: Path | None = None,
     stopping: asyncio.Event | None = None,
+    with_turns: bool = False,
 ) -> EvalReport:
     """One evaluation on a running system (generators, evaluators, and a logger somewhere): requests, trajectories,
     the samples written to ``log_dir/eval_logs`` (if given), the ``EvalSummary`` published for the logger.
 
-    What the learner calls every ``eval_steps`` steps (as a background task: it waits for whole dialogues)."""
+    What the learner calls every ``eval_steps`` steps (as a background task: it waits for whole dialogues).
+    ``with_turns``: keep the turn events too (for W&B's per-turn columns; it reads every event of the run meanwhile)."""
     requests = eval_requests(bus.settings.run, problem_ids, samples, reward, step)
-    got = await collect_trajectories(bus, requests, timeout_s, stopping)
+    got = await collect_trajectories(bus, requests, timeout_s, stopping, with_turns)
     event_id = requests[0].group_id.rsplit("-p", 1)[0] if requests else f"{EVAL_GROUP_PREFIX}{m.new_id()}"  # eval-<step>-<tag>
     json_file = samples_file = ""
     if log_dir is not None:
@@ -360,4 +352,5 @@ async def evaluate_policy(
     if samples_file:
         await asyncio.to_thread(write_samples, Path(samples_file), got.trajectories)
     await bus.publish(bus.subjects.event_eval, summary)
-    return EvalReport(summary=summary, trajectories=got.trajectories, samples_file=samples_file, json_file=json_file)
+    return EvalReport(summary=summary, trajectories=got.trajectories, turns=got.turns, samples_file=samples_file,
+                      json_file=json_file)  # fmt: skip

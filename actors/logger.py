@@ -159,6 +159,12 @@ class RunLogFiles:
                 lock.release()
 
 
+def eval_block(msg: m.EvalSummary, saved_to: Path) -> str:
+    """The eval block ``kernelrl eval`` prints; the samples are named as written beside the summary (``extra``)."""
+    samples = Path(str(console.summary_value(msg, "samples_file", ""))).name
+    return console.format_eval_block(msg, str(saved_to), str(saved_to.with_name(samples)) if samples else "")
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -308,7 +314,7 @@ class LoggerActor:
             case m.StepSummary():
                 text = console.format_step_summary(msg, self.verbose)
             case m.EvalSummary():
-                text = console.format_eval_summary(msg, str(files.eval_path(msg)))
+                text = eval_block(msg, files.eval_path(msg))
             case m.WorkParked():
                 text = console.format_parked(msg)
             case _:

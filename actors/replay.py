@@ -12,8 +12,9 @@ What counts as a change: correctness flipped (``correct_to_wrong``, ``wrong_to_c
 by more than the noise: ``|new − old| / old > max(10 %, 3·cv_old, 3·cv_new)``, ``cv = std / mean`` of a verdict's
 ``runtime_stats`` where it has them. Error messages alone never count (they hold addresses and numbers). A request
 answered by the infrastructure (``evaluator_lost``, ``bad_request``) or not at all within the time-out is an error, not
-a change; with ``device`` set, a verdict from an evaluator whose device does not name it is not compared
-(``other_device``): the eval queue is shared, so a job cannot be routed to a device.
+a change, and a logged turn whose verdict was such an answer is not replayed (``old_no_verdict``); with ``device``
+set, a verdict from an evaluator whose device does not name it is not compared (``other_device``): the eval queue is
+shared, so a job cannot be routed to a device.
 
 To buffer. Each logged ``TrajectoryEvent`` is published unchanged (ids, group, stream subject) to the run's
 ``event.trajectory`` subject with ``Nats-Msg-Id`` = its event id: a second replay within the stream's duplicate window
@@ -50,6 +51,7 @@ T = TypeVar("T", bound=m.Message)
 SPEEDUP_NOISE_FLOOR = 0.10  # a relative speedup change at most this large is noise, whatever the stats say
 NOISE_SIGMAS = 3.0
 INFRA_ERRORS = frozenset({"evaluator_lost", "bad_request", "eval_timeout"})  # no verdict on the kernel
+TABLE_ROWS = 200  # changes kept for the terminal table (first by problem, trajectory, turn); every one is in the JSONL
 
 
 class LogReader:
@@ -112,6 +114,7 @@ class ReplaySummary(msgspec.Struct, kw_only=True):
     run_id: str = ""
     turns_read: int = 0
     no_code: int = 0  # logged turns without a kernel: nothing to replay
+    old_no_verdict: int = 0  # logged turns whose verdict was an infrastructure answer (eval_timeout, …): nothing to compare
     replayed: int = 0  # verdicts compared
     unchanged: int = 0
     changed: int = 0
@@ -151,6 +154,10 @@ def compare_verdicts(old: m.EvalResult, new: m.EvalResult) -> list[str]:
     return changes
 
 
+def change_order(c: VerdictChange) -> tuple[str, str, int, str]:
+    return (c.problem_id, c.trajectory_id, c.turn_idx, c.event_id)
+
+
 def device_matches(result: m.EvalResult, device: str) -> bool:
     return not device or device.lower() in result.device.lower()
 
@@ -180,10 +187,14 @@ class EvalReplay:
         self.device = device
         self.inbox = EvalResultInbox(bus, requester_id(replay_id))
         self.summary = ReplaySummary(replay_id=replay_id, run_id=bus.settings.run)
-        self.changes: list[VerdictChange] = []
+        self.changes: list[VerdictChange] = []  # the first TABLE_ROWS by change_order (all go to on_change)
         self._missing: Counter[str] = Counter()
         self._by_kind: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
+
+    def table(self) -> list[VerdictChange]:
+        """The first ``TABLE_ROWS`` changes, in ``change_order``."""
+        return sorted(self.changes, key=change_order)[:TABLE_ROWS]
 
     async def run(self, turns: Path, on_change: Callable[[VerdictChange], None] | None = None) -> ReplaySummary:
         started = time.monotonic()
@@ -196,6 +207,9 @@ class EvalReplay:
                     self.summary.turns_read += 1
                     if not event.turn_data.kernel_code:
                         self.summary.no_code += 1
+                        continue
+                    if event.turn_data.eval_result.error_kind in INFRA_ERRORS:
+                        self.summary.old_no_verdict += 1
                         continue
                     problem = self.problems.get(event.instance_id)
                     if problem is None:
@@ -234,6 +248,8 @@ class EvalReplay:
                                trajectory_id=event.trajectory_id, eval_id=new.eval_id, changes=kinds, old=Verdict.of(old),
                                new=Verdict.of(new))  # fmt: skip
         self.changes.append(change)
+        if len(self.changes) >= 2 * TABLE_ROWS:  # bounded memory, whatever the number of changes
+            self.changes = sorted(self.changes, key=change_order)[:TABLE_ROWS]
         if on_change is not None:
             on_change(change)
 

@@ -31,6 +31,7 @@ import msgspec
 
 from kernelrl.core.config import RewardConfig
 from kernelrl.core.messages import ChatMessage, EvalResult
+from kernelrl.core.subjects import EVAL_GROUP_PREFIX
 
 CHUNK_LINES = 1000  # turn bodies per data tag: a page parses one chunk's text when a row in it is opened
 PAGE_SIZE = 100  # table rows per page
@@ -40,6 +41,7 @@ HISTORY_MARKER = "Your earlier attempts and their results:"  # core.prompts.hist
 ATTEMPT_HEADER = "### Attempt "
 CODE_BLOCK = re.compile(r"```[A-Za-z0-9_+-]*\n.*?```", re.DOTALL)
 OUTCOMES = ("correct", "incorrect", "incomplete")  # incomplete: turns logged, no trajectory (e.g. a killed generator)
+SPLITS = ("training", "held-out eval")  # held-out eval: `kernelrl eval` and the learner's eval_steps; not in the curves
 
 
 # ---------------------------------------------------------------- what is read (subsets of core.messages' records)
@@ -156,6 +158,7 @@ class Row(msgspec.Struct, array_like=True):
     speedup: float  # final speedup
     sample: int
     version: int
+    split: int  # index into SPLITS: 0 training, 1 held-out evaluation (group id eval-…)
 
 
 class TurnStat(msgspec.Struct, array_like=True):
@@ -322,6 +325,7 @@ class _Pending(msgspec.Struct):
     version: int
     sample: int
     turns: dict[int, tuple[int, int, bool]] = {}  # turn_idx -> (body line, error kind id or -1, correct)
+    held_out: bool = False
 
 
 def page_template() -> tuple[str, str, str]:
@@ -367,7 +371,8 @@ def build_report(logs: Path, output: Path, reward: RewardConfig | None = None, p
                 key = _key(turn.trajectory_id, turn.group_id, turn.instance_id, turn.sample_idx, turn.event_id)
                 p = pending.get(key)
                 if p is None:
-                    p = pending[key] = _Pending(turn.instance_id, turn.policy_version, turn.sample_idx, {})
+                    held_out = turn.group_id.startswith(EVAL_GROUP_PREFIX)
+                    p = pending[key] = _Pending(turn.instance_id, turn.policy_version, turn.sample_idx, {}, held_out)
                 if turn.turn_idx in p.turns:
                     stats.duplicates += 1
                     continue
@@ -385,7 +390,8 @@ def build_report(logs: Path, output: Path, reward: RewardConfig | None = None, p
                     body.resp = cut(data.response, MAX_RESPONSE)
                 body.fin = str(data.extra_info.get("finish_reason", ""))
                 body.pv, body.ts = turn.policy_version, turn.timestamp
-                count_turn(body)
+                if not p.held_out:
+                    count_turn(body)
                 line = bodies.write(body)
                 p.turns[turn.turn_idx] = (line, errors(result.error_kind) if result.error_kind else -1, result.correctness)
                 stats.turns += 1
@@ -398,6 +404,7 @@ def build_report(logs: Path, output: Path, reward: RewardConfig | None = None, p
                 seen.add(key)
                 p = pending.pop(key, None)
                 logged = p.turns if p else {}
+                held_out = traj.group_id.startswith(EVAL_GROUP_PREFIX)
                 lines: dict[int, int] = {i: v[0] for i, v in logged.items()}
                 kinds: dict[int, str] = {}
                 for h in traj.history:  # turns missing from turns.jsonl come from the trajectory's own history
@@ -406,7 +413,8 @@ def build_report(logs: Path, output: Path, reward: RewardConfig | None = None, p
                     if h.turn_idx not in lines:
                         body = body_from_result(h.turn_idx, h.kernel_code, h.eval_result, h.reward)
                         body.pv, body.ts, body.src = traj.policy_version, traj.timestamp, "history"
-                        count_turn(body)
+                        if not held_out:
+                            count_turn(body)
                         lines[h.turn_idx] = bodies.write(body)
                         stats.turns += 1
                 for i, v in logged.items():
@@ -416,8 +424,9 @@ def build_report(logs: Path, output: Path, reward: RewardConfig | None = None, p
                 step = step if isinstance(step, int) and not isinstance(step, bool) else traj.policy_version
                 correct = traj.execution_details.final_correctness
                 ret = _finite(traj.aggregated_return, 0.0)
-                s = by_step.setdefault(step, StepStat(step))
-                s.n, s.ret, s.correct = s.n + 1, s.ret + ret, s.correct + correct
+                if not held_out:
+                    s = by_step.setdefault(step, StepStat(step))
+                    s.n, s.ret, s.correct = s.n + 1, s.ret + ret, s.correct + correct
                 rows.append(
                     Row(
                         id=key,
@@ -431,6 +440,7 @@ def build_report(logs: Path, output: Path, reward: RewardConfig | None = None, p
                         speedup=_finite(traj.execution_details.final_speedup, 0.0),
                         sample=traj.sample_idx,
                         version=traj.policy_version,
+                        split=int(held_out),
                     )
                 )
                 stats.trajectories += 1
@@ -450,6 +460,7 @@ def build_report(logs: Path, output: Path, reward: RewardConfig | None = None, p
                         speedup=0.0,
                         sample=p.sample,
                         version=p.version,
+                        split=int(p.held_out),
                     )
                 )
                 stats.incomplete += 1
@@ -476,6 +487,7 @@ def build_report(logs: Path, output: Path, reward: RewardConfig | None = None, p
                     "page_size": page_size,
                     "chunk": CHUNK_LINES,
                     "outcomes": list(OUTCOMES),
+                    "splits": list(SPLITS),
                     "reward": {
                         "compile": reward.compile_weight,
                         "correct": reward.correct_weight,

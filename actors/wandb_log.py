@@ -7,10 +7,19 @@ W&B without it raises ``WandbMissing`` with a one-line message naming ``pip inst
 Metrics: ``train/*`` from each ``StepSummary`` against ``train/step`` (``train/loss``, ``train/groups_kept``,
 ``train/groups_filtered``, ``train/num_early_exit``, ``train/reward_mean`` ...), ``eval/*`` from each
 ``EvalSummary`` against ``eval/step`` (``eval/accuracy``, ``eval/fast_1.0``, ``eval/pass@1``, ``eval/beat_rate``
-...), so an evaluation filed under an earlier step never collides with W&B's own step counter. The
-``full_trajectories`` table: one row per trajectory — step, sample, problem, the whole conversation formatted as
-in the seed note, every turn's prompt, response, kernel, eval result and reward (``turn_<t>_*`` columns up to
-``max_turns``), the reward breakdown and the totals.
+...), so an evaluation filed under an earlier step never collides with W&B's own step counter.
+
+The ``full_trajectories`` table: one row per trajectory — ``step``, sample, problem, the whole conversation
+formatted as in the seed note, every turn's prompt, response, kernel, eval result, reward and reward components
+(``turn_<t>_*`` columns up to ``max_turns``: ``_reward_compile``, ``_reward_correct``, ``_reward_speed``), the
+reward breakdown and the totals.
+
+- ``step`` is the training step whose policy sampled the trajectory: its ``policy_version`` (version v is the
+  weights after step v; 0 is the initial model), not the step of the summary the row is logged with.
+  ``request_step`` beside it is the step its rollout request was issued for (the buffer's round, an eval's step).
+- A turn's prompt and response come from its ``TurnEvent``: a trajectory's ``messages`` hold only its last turn
+  (that turn's prompt already quotes every earlier attempt). Where a turn's record is missing the cells fall back
+  to those messages and say so.
 
 The row and metric builders are pure (tested without wandb); ``WandbSink`` is the only part that touches wandb.
 ``WandbSink.observe`` is what the logger calls with every event it writes.
@@ -18,10 +27,15 @@ The row and metric builders are pure (tested without wandb); ``WandbSink`` is th
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-from collections.abc import Mapping, Sequence
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
+
+import msgspec
 
 from kernelrl.core import messages as m
 from kernelrl.core.config import RewardConfig
@@ -30,7 +44,10 @@ from kernelrl.core.subjects import EVAL_GROUP_PREFIX
 INSTALL_HINT = "W&B logging needs the wandb package, which is not installed: pip install wandb (or pip install 'kernelrl[wandb]')"
 TABLE = "full_trajectories"
 ROLE_ICONS = {"system": "⚙️ SYSTEM", "user": "👤 USER", "assistant": "🤖 ASSISTANT"}
-TURN_FIELDS = ("prompt", "response", "kernel", "eval", "reward")
+TURN_FIELDS = ("prompt", "response", "kernel", "eval", "reward", "reward_compile", "reward_correct", "reward_speed")
+TURN_CAPACITY = 2048  # unfinished trajectories whose turns the sink keeps; the oldest beyond it are dropped
+FROM_MESSAGES = "(no turn record: from the trajectory's messages)"
+NO_TURN_RECORD = "(no turn record reached the logger; the trajectory's messages hold only its last turn)"
 
 
 class WandbMissing(RuntimeError):
@@ -42,6 +59,13 @@ def import_wandb() -> ModuleType:
         return importlib.import_module("wandb")
     except ImportError:
         raise WandbMissing(INSTALL_HINT) from None
+
+
+def wandb_run_id(run_id: str) -> str:
+    """The W&B run id of a kernelrl run, the same at every start, so a restarted logger resumes its W&B run (W&B
+    forbids some characters in ids; the hash keeps two run ids that differ only in those apart)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "-", run_id)[:48]
+    return f"kernelrl-{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
 # ---------------------------------------------------------------- metrics
@@ -104,8 +128,51 @@ def format_conversation(messages: Sequence[m.ChatMessage]) -> str:
     return "\n\n".join(f"{ROLE_ICONS.get(c.role, c.role.upper())}:\n{c.content}" for c in messages)
 
 
+class TurnText(msgspec.Struct, frozen=True):
+    """What the table shows of one turn's ``TurnEvent`` (its kernel tells it from another attempt's turn)."""
+
+    prompt: list[m.ChatMessage]
+    response: str
+    kernel_code: str
+
+
+def turn_text(ev: m.TurnEvent) -> TurnText:
+    return TurnText(ev.turn_data.prompt, ev.turn_data.response, ev.turn_data.kernel_code)
+
+
+def turns_by_trajectory(turns: Iterable[m.TurnEvent]) -> dict[str, dict[int, TurnText]]:
+    out: dict[str, dict[int, TurnText]] = {}
+    for ev in turns:
+        out.setdefault(ev.trajectory_id, {})[ev.turn_idx] = turn_text(ev)
+    return out
+
+
+class TurnCache:
+    """The turns of trajectories not finished yet, by trajectory id; past ``capacity`` trajectories, the one that
+    last had a turn longest ago is dropped."""
+
+    def __init__(self, capacity: int = TURN_CAPACITY) -> None:
+        self.capacity = capacity
+        self._turns: OrderedDict[str, dict[int, TurnText]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    def add(self, ev: m.TurnEvent) -> None:
+        if not ev.trajectory_id:
+            return
+        self._turns.setdefault(ev.trajectory_id, {})[ev.turn_idx] = turn_text(ev)
+        self._turns.move_to_end(ev.trajectory_id)
+        while len(self._turns) > self.capacity:
+            self._turns.popitem(last=False)
+
+    def pop(self, trajectory_id: str) -> dict[int, TurnText]:
+        """The trajectory's turns, forgotten here (its ``TrajectoryEvent`` has come)."""
+        return self._turns.pop(trajectory_id, {})
+
+
 def turn_prompts(messages: Sequence[m.ChatMessage]) -> list[list[m.ChatMessage]]:
-    """What each turn added to the prompt: everything before its assistant message, since the previous one."""
+    """What each assistant message answered: everything before it, since the previous one."""
     prompts, pending = [], []
     for c in messages:
         if c.role == "assistant":
@@ -118,6 +185,29 @@ def turn_prompts(messages: Sequence[m.ChatMessage]) -> list[list[m.ChatMessage]]
 
 def turn_responses(messages: Sequence[m.ChatMessage]) -> list[str]:
     return [c.content for c in messages if c.role == "assistant"]
+
+
+def message_turns(ev: m.TrajectoryEvent) -> dict[int, tuple[list[m.ChatMessage], str]]:
+    """turn → (prompt, response) as far as ``messages`` tell, aligned on the last turn: the generator's messages are
+    the last turn's prompt and response; a chat of alternating turns is split at its assistant messages."""
+    prompts, responses = turn_prompts(ev.messages), turn_responses(ev.messages)
+    first = ev.num_turns - len(responses)
+    return {first + i: pr for i, pr in enumerate(zip(prompts, responses, strict=True)) if first + i >= 0}
+
+
+def turn_prompt_response(ev: m.TrajectoryEvent, t: int, turns: Mapping[int, TurnText]) -> tuple[str, str]:
+    """The prompt and response cells of turn ``t``: from its turn record, else from the trajectory's messages."""
+    if t >= ev.num_turns:
+        return "", ""
+    record = turns.get(t)
+    kernel = ev.history[t].kernel_code if t < len(ev.history) else None
+    if record is not None and kernel in (None, record.kernel_code):
+        return format_conversation(record.prompt), record.response
+    prompt_response = message_turns(ev).get(t)
+    if prompt_response is None:
+        return NO_TURN_RECORD, NO_TURN_RECORD
+    prompt, response = prompt_response
+    return f"{FROM_MESSAGES}\n\n{format_conversation(prompt)}", response
 
 
 def format_eval_result(r: m.EvalResult) -> str:
@@ -152,39 +242,42 @@ def format_rewards(ev: m.TrajectoryEvent, config: RewardConfig) -> str:
 
 def table_columns(max_turns: int) -> list[str]:
     per_turn = [f"turn_{t + 1}_{name}" for t in range(max_turns) for name in TURN_FIELDS]
-    return ["step", "sample", "problem", "trajectory_id", "policy_version", "full_trajectory", *per_turn, "rewards",
-            "total_reward", "final_reward", "num_turns", "final_correct", "final_speedup", "termination"]  # fmt: skip
+    return ["step", "sample", "problem", "trajectory_id", "policy_version", "request_step", "full_trajectory", *per_turn,
+            "rewards", "total_reward", "final_reward", "num_turns", "final_correct", "final_speedup", "termination"]  # fmt: skip
 
 
-def trajectory_row(step: int, sample: int, ev: m.TrajectoryEvent, max_turns: int, config: RewardConfig | None = None
-                   ) -> list[Any]:  # fmt: skip
+def turn_cells(ev: m.TrajectoryEvent, t: int, turns: Mapping[int, TurnText], config: RewardConfig) -> list[Any]:
+    prompt, response = turn_prompt_response(ev, t, turns)
+    h = ev.history[t] if t < len(ev.history) else None
+    if h is None:
+        return [prompt, response, "", "", None, None, None, None]
+    c = reward_components(h.eval_result, config)
+    return [prompt, response, h.kernel_code, format_eval_result(h.eval_result), h.reward, c["compile"], c["correct"],
+            c["speed"]]  # fmt: skip
+
+
+def trajectory_row(sample: int, ev: m.TrajectoryEvent, max_turns: int, config: RewardConfig | None = None,
+                   turns: Mapping[int, TurnText] | None = None) -> list[Any]:  # fmt: skip
     """One row of ``full_trajectories``, in ``table_columns(max_turns)`` order (turns past ``max_turns`` are in
-    ``full_trajectory`` only; missing turns are empty)."""
+    ``full_trajectory`` only; missing turns are empty). ``step`` is the policy version that sampled the trajectory,
+    ``sample`` its index in the table; ``turns``: its turn records, by turn index."""
     config = config or RewardConfig()
-    prompts, responses = turn_prompts(ev.messages), turn_responses(ev.messages)
-    cells: list[Any] = []
-    for t in range(max_turns):
-        h = ev.history[t] if t < len(ev.history) else None
-        cells += [
-            format_conversation(prompts[t]) if t < len(prompts) else "",
-            responses[t] if t < len(responses) else "",
-            h.kernel_code if h else "",
-            format_eval_result(h.eval_result) if h else "",
-            h.reward if h else None,
-        ]
+    cells = [cell for t in range(max_turns) for cell in turn_cells(ev, t, turns or {}, config)]
     d = ev.execution_details
-    return [step, sample, ev.instance_id, ev.trajectory_id, ev.policy_version, format_conversation(ev.messages), *cells,
-            format_rewards(ev, config), ev.aggregated_return, ev.final_reward, ev.num_turns, d.final_correctness,
-            d.final_speedup, ev.termination_reason]  # fmt: skip
+    return [ev.policy_version, sample, ev.instance_id, ev.trajectory_id, ev.policy_version, ev.extra_info.get("step"),
+            format_conversation(ev.messages), *cells, format_rewards(ev, config), ev.aggregated_return, ev.final_reward,
+            ev.num_turns, d.final_correctness, d.final_speedup, ev.termination_reason]  # fmt: skip
 
 
 # ---------------------------------------------------------------- the sink
 
 
 class WandbSink:
-    """One W&B run. ``observe`` takes the run's events: trajectories are kept (at most ``samples_per_step`` per
-    step) until their step's ``StepSummary``, which logs the ``train/*`` metrics and those trajectories as a
-    ``full_trajectories`` table; an ``EvalSummary`` logs the ``eval/*`` metrics."""
+    """One W&B run. ``observe`` takes the run's events: turns are kept until their trajectory comes; trajectories (at
+    most ``samples_per_step`` between two step summaries) until the next ``StepSummary``, which logs the ``train/*``
+    metrics and those trajectories as a ``full_trajectories`` table; an ``EvalSummary`` logs the ``eval/*`` metrics.
+    Evaluation rollouts are not tabled here (``kernelrl eval --wandb`` tables its own). ``run_id`` with
+    ``resume="allow"``: a restart continues the same W&B run."""
 
     def __init__(
         self,
@@ -196,44 +289,58 @@ class WandbSink:
         reward: RewardConfig | None = None,
         directory: str | None = None,
         mode: str | None = None,
+        run_id: str | None = None,
+        resume: str | None = None,
+        turn_capacity: int = TURN_CAPACITY,
     ) -> None:
         self.wandb = import_wandb()
         self.max_turns = max_turns
         self.samples_per_step = samples_per_step
         self.reward = reward or RewardConfig()
-        self._pending: list[m.TrajectoryEvent] = []
-        self.run = self.wandb.init(project=project, name=run_name or None, config=dict(config or {}), dir=directory, mode=mode)
+        self.turns = TurnCache(turn_capacity)
+        self._pending: list[tuple[m.TrajectoryEvent, dict[int, TurnText]]] = []
+        self._finished = False
+        self.run = self.wandb.init(project=project, name=run_name or None, config=dict(config or {}), dir=directory, mode=mode,
+                                   id=run_id, resume=resume)  # fmt: skip
         for kind in ("train", "eval"):
             self.run.define_metric(f"{kind}/step")
             self.run.define_metric(f"{kind}/*", step_metric=f"{kind}/step")
 
-    def table(self, rows: Sequence[tuple[int, m.TrajectoryEvent]]) -> Any:
-        columns = table_columns(self.max_turns)
-        data = [trajectory_row(step, i, ev, self.max_turns, self.reward) for i, (step, ev) in enumerate(rows)]
-        return self.wandb.Table(columns=columns, data=data)
+    def table(self, trajectories: Sequence[m.TrajectoryEvent], turns: Mapping[str, Mapping[int, TurnText]]) -> Any:
+        data = [trajectory_row(i, ev, self.max_turns, self.reward, turns.get(ev.trajectory_id))
+                for i, ev in enumerate(trajectories)]  # fmt: skip
+        return self.wandb.Table(columns=table_columns(self.max_turns), data=data)
 
-    def log_step(self, ev: m.StepSummary, trajectories: Sequence[m.TrajectoryEvent] = ()) -> None:
+    def log_step(self, ev: m.StepSummary, trajectories: Sequence[m.TrajectoryEvent] = (),
+                 turns: Mapping[str, Mapping[int, TurnText]] | None = None) -> None:  # fmt: skip
         data: dict[str, Any] = dict(step_metrics(ev))
         if trajectories:
-            data[TABLE] = self.table([(ev.step, t) for t in trajectories])
+            data[TABLE] = self.table(trajectories, turns or {})
         self.run.log(data)
 
-    def log_eval(self, ev: m.EvalSummary, trajectories: Sequence[m.TrajectoryEvent] = ()) -> None:
+    def log_eval(self, ev: m.EvalSummary, trajectories: Sequence[m.TrajectoryEvent] = (),
+                 turns: Iterable[m.TurnEvent] = ()) -> None:  # fmt: skip
         data: dict[str, Any] = dict(eval_metrics(ev))
         if trajectories:
-            data[TABLE] = self.table([(ev.step, t) for t in trajectories])
+            data[TABLE] = self.table(trajectories, turns_by_trajectory(turns))
         self.run.log(data)
 
     def observe(self, msg: m.Message) -> None:
         match msg:
+            case m.TurnEvent() if not msg.group_id.startswith(EVAL_GROUP_PREFIX):
+                self.turns.add(msg)
             case m.TrajectoryEvent() if not msg.group_id.startswith(EVAL_GROUP_PREFIX):
+                turns = self.turns.pop(msg.trajectory_id)
                 if len(self._pending) < self.samples_per_step:
-                    self._pending.append(msg)
+                    self._pending.append((msg, turns))
             case m.StepSummary():
                 pending, self._pending = self._pending, []
-                self.log_step(msg, pending)
+                self.log_step(msg, [ev for ev, _ in pending], {ev.trajectory_id: turns for ev, turns in pending})
             case m.EvalSummary():
                 self.log_eval(msg)
 
     def finish(self) -> None:
-        self.run.finish()
+        """End the run (again: nothing)."""
+        if not self._finished:
+            self._finished = True
+            self.run.finish()

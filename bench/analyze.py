@@ -195,6 +195,9 @@ def stdlib_run(log_dir: Path):  # -> RunStats
         for line in f:
             try:
                 d = json.loads(line)
+                if d.get("group_id", "").startswith("eval-"):
+                    stats.records.eval_turns += 1
+                    continue
                 td = d["turn_data"]
                 ev = td.get("eval_result", {})
                 stats.add_turn(
@@ -212,7 +215,11 @@ def stdlib_run(log_dir: Path):  # -> RunStats
         for line in f:
             try:
                 d = json.loads(line)
+                if d.get("group_id", "").startswith("eval-"):
+                    stats.records.eval_trajectories += 1
+                    continue
                 rw, ret, ex = d["turn_rewards"], d["aggregated_return"], d.get("execution_details", {})
+                step = d.get("extra_info", {}).get("step")
                 prog = (
                     progression_marks(h["eval_result"]["correctness"] for h in d.get("history", []))
                     if ret > stats.top_floor
@@ -230,6 +237,7 @@ def stdlib_run(log_dir: Path):  # -> RunStats
                     ex.get("final_speedup") or 0.0,
                     prog,
                     d.get("policy_version", 0),
+                    step if type(step) is int else d.get("policy_version", 0),
                 )
             except (ValueError, KeyError, TypeError, AttributeError, IndexError):
                 bad += 1
@@ -270,9 +278,6 @@ def child(reader: str, log_dir: Path) -> None:
         summary = stdlib_run(log_dir).summary()
     else:
         summary = analyze([log_dir], RewardConfig(), 5, jobs=1 if reader == "msgspec1" else None).combined
-        summary.name = "bench"  # the stdlib reader's name for the run (analyze names it by its directory)
-        for row in (*summary.top, *summary.steps):
-            row.run = "bench"
     seconds = time.perf_counter() - start
     summary.log_dirs = []
     summary.records.skipped = {}
@@ -322,7 +327,8 @@ def main() -> None:
         return
     turns = 100_000 if args.quick else args.turns
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="krl-analyze-bench-") as tmp:
-        log_dir = Path(tmp)
+        log_dir = Path(tmp) / "bench"  # analyze names a run by its directory; the stdlib reader calls it "bench"
+        log_dir.mkdir()
         t0 = time.perf_counter()
         first = write_log(log_dir, turns // 2, seed=1)
         print(f"wrote {turns // 2:,} turns ({first:,} trajectories) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

@@ -6,7 +6,8 @@ prefixes such as ``level1/``), else every problem of the set (``--problems DIR``
 
 By default the evaluation is a run of its own, like ``kernelrl run --roles logger,evaluator,generator``: an
 embedded NATS server and a logger, evaluator(s) and generator as supervised children, in ``<runs-root>/eval-<time>``
-(``runs/latest`` is left pointing at the training run). The logs go to ``--output`` (default ``<run dir>/logs``):
+(``runs/latest`` is left pointing at the training run); its logger prints the eval block as it writes the summary.
+The logs go to ``--output`` (default ``<run dir>/logs``):
 ``turns.jsonl``, ``trajectories.jsonl``, ``eval_logs/eval_step_XXXX.json`` (written by the logger) and
 ``eval_logs/eval_step_XXXX.samples.jsonl`` (every trajectory). With ``--nats URL --run ID`` it joins that run's
 generators, evaluators and logger instead and starts nothing. ``--wandb`` also logs the eval metrics and a
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import msgspec
 
-from kernelrl.actors.eval_policy import EvalReport, evaluate_policy, format_eval_block, summary_value
+from kernelrl.actors.console import format_eval_block, summary_value
+from kernelrl.actors.eval_policy import EvalReport, evaluate_policy
 from kernelrl.bin.common import add_config_arguments, add_setting_flag, command_main
 from kernelrl.bin.run import child_argv, evaluator_gpus, logger_caught_up, split_roles
 from kernelrl.core.bus import Bus
@@ -94,7 +96,6 @@ async def amain(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    wandb_sink = None
     if args.wandb:
         from kernelrl.actors.wandb_log import WandbMissing, import_wandb
 
@@ -103,28 +104,37 @@ async def amain(args: argparse.Namespace) -> int:
         except WandbMissing as exc:
             print(f"{PROG}: {exc}", file=sys.stderr)
             return 2
-    if config.bus.url:
-        if not config.bus.run:
-            print(f"{PROG}: --run ID is needed to evaluate on another broker (--nats)", file=sys.stderr)
-            return 2
-        report, code = await join_and_evaluate(config, args, problem_ids)
-    else:
+    standalone = not config.bus.url
+    if standalone:
         report, code = await evaluate_standalone(config, args, problem_ids)
+    elif not config.bus.run:
+        print(f"{PROG}: --run ID is needed to evaluate on another broker (--nats)", file=sys.stderr)
+        return 2
+    else:
+        report, code = await join_and_evaluate(config, args, problem_ids)
     if report is None:
         return code
-    print(format_eval_block(report.summary, report.json_file, report.samples_file), flush=True)
+    if not (standalone and logger_printed(config, report)):
+        print(format_eval_block(report.summary, report.json_file, report.samples_file), flush=True)
     if args.wandb:
         from kernelrl.actors.wandb_log import WandbSink
 
         wandb_sink = WandbSink(project=args.wandb_project, run_name=config.bus.run or report.summary.run_id,
-                               config=msgspec.to_builtins(config), max_turns=config.reward.max_turns)  # fmt: skip
+                               config=msgspec.to_builtins(config), max_turns=config.reward.max_turns,
+                               reward=config.reward)  # fmt: skip
         try:
-            wandb_sink.log_eval(report.summary, report.trajectories)
+            wandb_sink.log_eval(report.summary, report.trajectories, report.turns)
         finally:
             wandb_sink.finish()
     if summary_value(report.summary, "missing", 0):
         code = code or 1
     return code
+
+
+def logger_printed(config: Config, report: EvalReport) -> bool:
+    """Whether the logger child of a standalone evaluation printed the eval block: it prints each summary it writes,
+    to the stdout it shares with this command."""
+    return config.logger.console and bool(report.json_file) and Path(report.json_file).exists()
 
 
 async def join_and_evaluate(config: Config, args: argparse.Namespace, problem_ids: list[str]) -> tuple[EvalReport | None, int]:
@@ -134,7 +144,7 @@ async def join_and_evaluate(config: Config, args: argparse.Namespace, problem_id
     try:
         await bus.provision(consumer_table(config))
         report = await evaluate_policy(bus, problem_ids, args.samples, config.reward, step=args.step, timeout_s=args.timeout,
-                                       log_dir=log_dir)  # fmt: skip
+                                       log_dir=log_dir, with_turns=args.wandb)  # fmt: skip
     finally:
         await bus.close()
     return report, 0
@@ -185,7 +195,8 @@ async def evaluate_standalone(config: Config, args: argparse.Namespace, problem_
             nonlocal report
             try:
                 report = await evaluate_policy(bus, problem_ids, args.samples, config.reward, step=args.step,
-                                               timeout_s=args.timeout, log_dir=log_dir, stopping=stopping)  # fmt: skip
+                                               timeout_s=args.timeout, log_dir=log_dir, stopping=stopping,
+                                               with_turns=args.wandb)  # fmt: skip
                 for _ in range(600):  # the logger writes the summary (and has every turn) before the children stop
                     if stopping.is_set() or (Path(report.json_file).exists() and await logger_caught_up(bus)):
                         break

@@ -1,7 +1,8 @@
 """``kernelrl logger``: the logger role (see ``kernelrl.actors.logger``).
 
-Exit status: 0 after a clean stop; 2 if the log directory cannot be used (not writable, or another
-logger holds it); 3 if an fsync failed (what was not synced is cut away and redelivered: restart it).
+Exit status: 0 after a clean stop; 2 if the log directory cannot be used (not writable, or another logger holds
+it) or ``--wandb`` is given without wandb installed; 3 if an fsync failed (what was not synced is cut away and
+redelivered: restart it).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import msgspec
 
 from kernelrl.actors.logger import LoggerActor, RunLogFiles
 from kernelrl.actors.run_log import LogDirInUse, LogSyncError, LogWriteError
+from kernelrl.actors.wandb_log import WandbMissing, WandbSink
 from kernelrl.bin.common import add_config_arguments, add_setting_flag, command_main
 from kernelrl.core.actor import run_actor
-from kernelrl.core.config import Config
+from kernelrl.core.config import Config, LoggerSettings
 from kernelrl.core.run_dirs import RunDirectory
 
 EXIT_UNUSABLE_LOG_DIR = 2
@@ -35,29 +37,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="also log step and eval metrics and trajectories to W&B (pip install 'kernelrl[wandb]')")  # fmt: skip
 
 
+def open_wandb(config: Config, settings: LoggerSettings) -> WandbSink:
+    """The run's W&B run, under an id derived from the run id: a restarted logger continues it (``resume="allow"``)."""
+    from kernelrl.actors.wandb_log import WandbSink, wandb_run_id
+
+    run_id = wandb_run_id(config.bus.run) if config.bus.run else None
+    return WandbSink(project=settings.wandb_project, run_name=config.bus.run, max_turns=config.reward.max_turns,
+                     samples_per_step=settings.wandb_samples_per_step, reward=config.reward, run_id=run_id,
+                     resume="allow" if run_id else None)  # fmt: skip
+
+
 async def amain(args: argparse.Namespace) -> int:
     config: Config = args.config
     settings = config.logger
     if not settings.log_dir:
         run_dir = RunDirectory(root=config.run.runs_root, run_id=config.bus.run)
         settings = msgspec.structs.replace(settings, log_dir=str(run_dir.logs))
-    sink = None
-    if settings.wandb:
-        from kernelrl.actors.wandb_log import WandbMissing, WandbSink
-
-        try:
-            sink = WandbSink(project=settings.wandb_project, run_name=config.bus.run, max_turns=config.reward.max_turns,
-                             samples_per_step=settings.wandb_samples_per_step, reward=config.reward)  # fmt: skip
-        except WandbMissing as exc:
-            print(f"kernelrl logger: {exc}", file=sys.stderr)
-            return EXIT_UNUSABLE_LOG_DIR
     try:
-        # The directory is locked and opened before NATS is touched: a refused logger leaves no trace.
+        # The directory is locked and opened before W&B or NATS is touched: a refused logger leaves no trace.
         files = RunLogFiles(Path(settings.log_dir), settings)
+        sink = None
         try:
+            sink = open_wandb(config, settings) if settings.wandb else None
             return await run_actor(lambda bus: LoggerActor(bus, settings, files=files, sink=sink), config)
         finally:
             files.close()  # a no-op once the actor has closed them
+            if sink is not None:
+                sink.finish()  # likewise
+    except WandbMissing as exc:
+        print(f"kernelrl logger: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE_LOG_DIR
     except LogDirInUse as exc:
         print(f"kernelrl logger: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE_LOG_DIR

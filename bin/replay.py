@@ -113,8 +113,10 @@ async def amain(args: argparse.Namespace) -> int:
             out.write(encoder.encode(summary) + b"\n")
     finally:
         await bus.close()
-    changes = sorted(replay.changes, key=lambda c: (c.problem_id, c.trajectory_id, c.turn_idx, c.event_id))
+    changes = replay.table()
     print(format_changes(changes) if changes else "no verdict changed")  # type: ignore[arg-type]
+    if summary.changed > len(changes):
+        print(f"({len(changes)} of {summary.changed} changes shown; all in {output})")
     print(f"replay {summary.replay_id} of {log} on run {summary.run_id}:\n{format_summary(summary)}\nwritten to {output}")
     return 1 if summary.errors else 0
 

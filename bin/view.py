@@ -2,9 +2,10 @@
 
 LOGDIR is a log directory (``runs/<id>/logs``) or a run directory (``runs/<id>``). The report (default
 ``LOGDIR/report.html``) opens from disk with no server and no network: the run's curves, a table of trajectories
-filterable by step, problem, outcome and error kind, paged, and for each trajectory its turns side by side — the
-feedback its prompt carried, the kernel diffed against the previous turn's, the eval verdict, the reward and its
-components (the weights of ``[reward]`` in ``--config``). See ``kernelrl.actors.viewer``.
+filterable by split (training or held-out eval), step, problem, outcome and error kind, paged, and for each
+trajectory its turns side by side — the feedback its prompt carried, the kernel diffed against the previous turn's,
+the eval verdict, the reward and its components (with the weights of the run's ``config.toml`` ``[reward]``, else
+of ``--config``/``--set``). See ``kernelrl.actors.viewer``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def amain(args: argparse.Namespace) -> int:
+    from kernelrl.actors.analysis_read import AnalysisError, run_reward_config
     from kernelrl.actors.viewer import build_report, log_directory
 
     logs = log_directory(args.logdir)
@@ -35,7 +37,12 @@ async def amain(args: argparse.Namespace) -> int:
         return 2
     output = args.output or logs / "report.html"
     try:
-        stats = build_report(logs, output, args.config.reward, args.page_size)
+        reward = run_reward_config(logs, args.config.reward)  # the run's own weights split each reward into its parts
+    except AnalysisError as exc:
+        print(f"kernelrl view: {exc}", file=sys.stderr)
+        return 2
+    try:
+        stats = build_report(logs, output, reward, args.page_size)
     except OSError as exc:
         print(f"kernelrl view: cannot write {output}: {exc}", file=sys.stderr)
         return 2

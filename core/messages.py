@@ -237,7 +237,9 @@ class EvalSummary(Message, frozen=True):
     timestamp: str = ""
     run_id: str = ""
     policy_version: int = 0
-    compiled: int = 0
+    # Final kernels that compiled: the seed's "attempted answers", under its JSON name (EvalResult.compiled is a bool
+    # of one verdict, unrelated).
+    compiled: int = msgspec.field(default=0, name="attempted_answer")
     avg_reward: float = 0.0
     median_reward: float = 0.0
     std_reward: float = 0.0

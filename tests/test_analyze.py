@@ -35,6 +35,8 @@ def test_one_run_every_number_is_a_hand_count() -> None:
     assert s.name == "run_a"
     assert (s.records.turns, s.records.trajectories, s.records.steps) == (8, 4, 2)
     assert s.records.skipped == {"turns.jsonl": 3, "trajectories.jsonl": 1}  # bad JSON, wrong type, torn; not JSON
+    # a held-out eval dialogue (group eval-0002-…, return 9.0, correct at 8x) is counted apart and in no number below
+    assert (s.records.eval_trajectories, s.records.eval_turns) == (1, 1)
 
     o = s.overall
     assert o.trajectories == 4
@@ -82,7 +84,21 @@ def test_one_run_every_number_is_a_hand_count() -> None:
         ("level1/2_GELU", 1, 1),
         ("level2/7_Conv", 2, 1),
     ]
-    assert s.per_problem[0].avg_return == approx(0.184)
+    relu, gelu, conv = s.per_problem
+    assert (relu.avg_return, relu.avg_turns, relu.avg_speedup, relu.geomean_speedup) == (approx(0.184), 3.0, 1.5, approx(1.5))
+    assert relu.fast_p == {"0.0": 1.0, "1.0": 1.0, "1.5": 0.0, "2.0": 0.0}  # 1.5x is not > 1.5
+    assert (gelu.avg_speedup, gelu.fast_p["2.0"], gelu.timed_correct) == (4.0, 1.0, 1)
+    assert (conv.avg_turns, conv.avg_return, conv.timed_correct, conv.avg_speedup) == (2.0, approx(0.55), 1, 2.0)
+    assert conv.fast_p == {"0.0": 0.5, "1.0": 0.5, "1.5": 0.5, "2.0": 0.0}  # ta4 at 2.0x; ta3's final kernel is wrong
+    assert [t.timed_correct for t in s.per_turn] == [2, 1, 1]
+
+    # by the step that sampled them: extra_info.step (ta4: 5), else the policy version (ta3's step is not a number)
+    assert [(o.step, o.trajectories, o.correct, o.final_correct_rate) for o in s.per_step] == [
+        (0, 2, 1, 0.5),  # ta2, ta3
+        (1, 1, 1, 1.0),  # ta1
+        (5, 1, 1, 1.0),  # ta4
+    ]
+    assert [o.avg_return for o in s.per_step] == [approx(1.42), approx(0.184), approx(0.66)]
 
     assert [(t.trajectory_id, t.aggregated_return, t.progression, t.final_speedup) for t in s.top] == [
         ("ta2", 2.4, "✓", 4.0),
@@ -162,13 +178,29 @@ def test_plot_has_a_point_per_turn_and_step_and_a_bar_per_bin(tmp_path: Path) ->
     png = tmp_path / "analysis.png"
     fig = plot(analyze([RUN_A, RUN_B]), png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _png_size(png) == (1500, 450)  # the figure as drawn: 15 x 4.5 inches at 100 dpi
     by_turn, by_step, speed = fig.axes[:3]
     assert [len(line.get_xdata()) for line in by_turn.get_lines()] == [3, 3, 3]  # reward, correct, compile by turn 0..2
     # correct rate by turn: 3 of 6 (ta2, ta3, tb1), 1 of 4 (ta4), 1 of 1 (ta1)
     assert list(by_turn.get_lines()[1].get_ydata()) == [approx(3 / 6), approx(1 / 4), approx(1.0)]
-    assert [len(line.get_xdata()) for line in by_step.get_lines()] == [2, 1]  # run_a's two steps, run_b's one
+    # group reward_mean of run_a's two steps and run_b's one, then the final correct rate by sampling step
+    assert [line.get_label() for line in by_step.get_lines()] == [
+        "group reward_mean (run_a)",
+        "group reward_mean (run_b)",
+        "final correct rate (run_a)",
+        "final correct rate (run_b)",
+    ]
+    assert [len(line.get_xdata()) for line in by_step.get_lines()] == [2, 1, 3, 1]
+    assert list(by_step.get_lines()[2].get_xdata()) == [0, 1, 5]
+    assert list(by_step.get_lines()[2].get_ydata()) == [0.5, 1.0, 1.0]
     heights = [p.get_height() for p in speed.patches]
     assert len(heights) == 32 and sum(heights) == 4  # four correct final kernels with a speedup
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def test_cli_writes_json_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,6 +215,7 @@ def test_cli_writes_json_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixtu
     text = capsys.readouterr().out
     assert "final correct 4/6 (66.7%)" in text
     assert "✗✓" in text and "run_b" in text
+    assert "Held-out evaluation records left out: 1 trajectories, 1 turns" in text
 
 
 def test_cli_missing_logdir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -269,13 +302,17 @@ class CountedPool(ProcessPoolExecutor):
         pools.append(args[0])
         super().__init__(*args, **kwargs)
 analysis_read.ProcessPoolExecutor = CountedPool
-a = analysis_read.analyze([Path(p) for p in sys.argv[1:]], top_n=3, jobs=2, part_bytes=200)
-print(msgspec.json.encode({"pools": pools, "analysis": a}).decode())
+runs = [Path(p) for p in sys.argv[1:]]
+analysis_read.analyze(runs, top_n=3, jobs=2)  # small files: one part each, read here
+small = list(pools)
+a = analysis_read.analyze(runs, top_n=3, jobs=2, part_bytes=200)
+print(msgspec.json.encode({"small": small, "pools": pools, "analysis": a}).decode())
 """
 
 
 def test_large_logs_are_read_by_worker_processes() -> None:
-    """In a fresh single-threaded process (as `kernelrl analyze` is), jobs=2 reads the parts in a pool of 2 workers."""
+    """In a fresh single-threaded process (as `kernelrl analyze` is), jobs=2 reads the parts in a pool of 2 workers,
+    and only when a file was cut into parts."""
     import subprocess
     import sys
 
@@ -283,6 +320,7 @@ def test_large_logs_are_read_by_worker_processes() -> None:
         [sys.executable, "-c", WORKERS_SCRIPT, str(RUN_A), str(RUN_B)], capture_output=True, text=True, check=True, timeout=120
     )
     result = json.loads(out.stdout)
+    assert result["small"] == []  # no file was big enough to cut: no worker started
     assert result["pools"] == [2]
     whole = msgspec.to_builtins(analyze([RUN_A, RUN_B], top_n=3, jobs=1))
     assert _same_numbers(result["analysis"], whole)

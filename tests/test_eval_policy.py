@@ -10,10 +10,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from kernelrl.actors.console import format_eval_block
 from kernelrl.actors.eval_policy import (
     eval_json_path,
     eval_requests,
-    format_eval_block,
     k_values,
     pass_at_k,
     samples_path,
@@ -87,12 +87,12 @@ def test_an_empty_evaluation_is_all_zeros_not_an_error() -> None:
 def test_the_console_block_follows_the_seed_note() -> None:
     s = summarize(HAND, step=12, samples_per_problem=4, eval_time=9.5)
     text = format_eval_block(s, "out/eval_logs/eval_step_0012.json", "out/eval_logs/eval_step_0012.samples.jsonl")
-    assert "Accuracy: 3/6 (50.0%)" in text
-    assert "Attempted answers (compiled): 5/6 (83.3%)" in text
-    assert "Avg turns (correct): 2.00 turns" in text
+    lines = text.splitlines()
+    assert lines[1:5] == ["Detailed Rubric Statistics:", "   Accuracy: 3/6 (50.0%)", "   Attempted answers: 5/6 (83.3%)",
+                          "   Avg turns (correct): 2.00 turns"]  # fmt: skip
     assert "fast_1.0: 0.333" in text and "pass@2: 0.917" in text and "Beat rate (correct and faster than baseline): 33.3%" in text
-    assert text.endswith("Eval stats saved to: out/eval_logs/eval_step_0012.json\n"
-                         "Eval samples saved to: out/eval_logs/eval_step_0012.samples.jsonl")  # fmt: skip
+    assert lines[-3:] == ["", "Eval stats saved to: out/eval_logs/eval_step_0012.json",
+                          "Eval samples saved to: out/eval_logs/eval_step_0012.samples.jsonl"]  # fmt: skip
 
 
 def test_eval_requests_are_one_eval_group_per_problem(tmp_path: Path) -> None:
@@ -122,18 +122,19 @@ def replay_log(path: Path, responses: list[str]) -> Path:
 
 
 EVAL_JSON_FIELDS = {
-    "event_id", "step", "timestamp", "run_id", "policy_version", "accuracy", "correct_answers", "total_samples", "compiled",
-    "avg_reward", "median_reward", "std_reward", "min_reward", "max_reward", "fast_p", "pass_at_k", "avg_turns_correct",
-    "avg_speedup_correct", "eval_time", "extra", "v",
+    "event_id", "step", "timestamp", "run_id", "policy_version", "accuracy", "correct_answers", "total_samples",
+    "attempted_answer", "avg_reward", "median_reward", "std_reward", "min_reward", "max_reward", "fast_p", "pass_at_k",
+    "avg_turns_correct", "avg_speedup_correct", "eval_time", "extra", "v",
 }  # fmt: skip
 
 
-async def test_kernelrl_eval_writes_the_eval_json_and_the_samples(tmp_path: Path) -> None:
+async def test_kernelrl_eval_writes_the_eval_json_the_samples_and_a_wandb_table(tmp_path: Path) -> None:
     log = replay_log(tmp_path / "replayed.jsonl", [CORRECT, WRONG])  # sample 0 right at once, sample 1 wrong every turn
     out = tmp_path / "out"
     argv = [*kernelrl_eval(), "--runs-root", str(tmp_path / "runs"), "--backend", "replay", "--replay-log", str(log),
-            "--only", RELU.id, "--samples", "2", "--max-turns", "2", "--step", "7", "--output", str(out)]  # fmt: skip
-    done = await asyncio.to_thread(subprocess.run, argv, cwd=tmp_path, env=command_env(), capture_output=True, text=True,
+            "--only", RELU.id, "--samples", "2", "--max-turns", "2", "--step", "7", "--output", str(out), "--wandb"]  # fmt: skip
+    env = command_env() | {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    done = await asyncio.to_thread(subprocess.run, argv, cwd=tmp_path, env=env, capture_output=True, text=True,
                                    timeout=240)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     summary = orjson.loads((out / "eval_logs" / "eval_step_0007.json").read_bytes())
@@ -143,7 +144,7 @@ async def test_kernelrl_eval_writes_the_eval_json_and_the_samples(tmp_path: Path
         and {"per_problem", "samples_per_problem", "n_problems", "missing", "samples_file"} <= summary["extra"].keys()
     )
     assert (summary["step"], summary["accuracy"], summary["correct_answers"], summary["total_samples"]) == (7, 0.5, 1, 2)
-    assert summary["compiled"] == 2 and summary["avg_turns_correct"] == 1.0
+    assert summary["attempted_answer"] == 2 and "compiled" not in summary and summary["avg_turns_correct"] == 1.0
     assert summary["pass_at_k"] == {"1": 0.5, "2": 1.0}
     # interpreter timings earn no reward for speed: 0.1 + 0.3 for the right kernel, 0.1 + 0.4 * 0.1 for two wrong turns
     assert (summary["max_reward"], summary["min_reward"]) == pytest.approx((0.4, 0.14))
@@ -153,9 +154,19 @@ async def test_kernelrl_eval_writes_the_eval_json_and_the_samples(tmp_path: Path
         (0, True, 1), (1, False, 2)
     ]  # fmt: skip
     assert all(t["group_id"].startswith("eval-0007-") and t["messages"] and t["history"] for t in samples)
-    assert "Accuracy: 1/2 (50.0%)" in done.stdout and "pass@2: 1.000" in done.stdout
+    assert "Accuracy: 1/2 (50.0%)" in done.stdout and "Attempted answers: 2/2 (100.0%)" in done.stdout
+    assert "pass@2: 1.000" in done.stdout
+    assert done.stdout.count("Detailed Rubric Statistics:") == 1 and done.stdout.count("Eval stats saved to:") == 1
     assert f"Eval samples saved to: {out / 'eval_logs' / 'eval_step_0007.samples.jsonl'}" in done.stdout
     assert not (tmp_path / "runs" / "latest").exists()  # an evaluation is not the latest training run
+    (table,) = (tmp_path / "wandb").glob("offline-run-*/files/media/table/full_trajectories_*.table.json")
+    data = orjson.loads(table.read_bytes())
+    right, wrong = (dict(zip(data["columns"], row, strict=True)) for row in data["data"])
+    answer = f"My kernel:\n```python\n{WRONG}```\n"
+    assert (wrong["sample"], wrong["turn_1_response"], wrong["turn_2_response"]) == (1, answer, answer)
+    assert "### Attempt 1" not in wrong["turn_1_prompt"] and "### Attempt 1" in wrong["turn_2_prompt"]
+    assert "Correct: ✗" in wrong["turn_2_prompt"]  # turn 1's verdict, fed back
+    assert (right["turn_1_response"], right["turn_2_response"]) == (f"My kernel:\n```python\n{CORRECT}```\n", "")
 
 
 def test_an_empty_held_out_split_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from kernelrl.actors.console import format_eval_block
 from kernelrl.actors.logger import LoggerActor
 from kernelrl.actors.sample_events import sample_run
 from kernelrl.core import messages as m
@@ -224,3 +225,15 @@ async def test_two_eval_summaries_for_one_step_both_survive_and_a_redelivery_ove
     assert orjson.loads((log_dir / "eval_logs" / "eval_step_0003.json").read_bytes())["event_id"] == first.event_id
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
+
+
+async def test_the_logger_prints_the_eval_block_that_kernelrl_eval_prints(bus: Bus, run_id: str, tmp_path: Path) -> None:
+    summary = m.EvalSummary(event_id=f"{run_id}-eval", step=3, accuracy=0.5, correct_answers=2, total_samples=4, compiled=3,
+                            extra={"samples_file": "eval_step_0003.samples.jsonl", "n_problems": 2})  # fmt: skip
+    await bus.publish(bus.subjects.event_eval, summary)
+    actor = await run_logger_until(bus, LoggerSettings(log_dir=str(tmp_path)), lambda a: a.counters["written_EvalSummary"] == 1)
+    text = actor.out.getvalue()  # type: ignore[attr-defined]
+    eval_logs = tmp_path / "eval_logs"
+    block = format_eval_block(summary, str(eval_logs / "eval_step_0003.json"), str(eval_logs / "eval_step_0003.samples.jsonl"))
+    assert block in text and "   Attempted answers: 3/4 (75.0%)" in text
+    assert orjson.loads((eval_logs / "eval_step_0003.json").read_bytes())["attempted_answer"] == 3

@@ -89,6 +89,7 @@ async def test_replay_to_eval_reports_exactly_the_verdicts_an_older_rule_got_wro
         + turn("still-wrong", WRONG, MISMATCH_VERDICT)
         + turn("no-code", "", m.EvalResult(error_kind="no_code"))
         + turn("gone", CORRECT, CORRECT_VERDICT, problem="level1/999_NotThere")
+        + turn("never-judged", CORRECT, m.EvalResult(error_kind="eval_timeout"))  # no verdict then: nothing to compare
         + b'{"event_id": "torn", "turn_da\n'
     )
     spawn("evaluator", "--nats", nats_server.url, "--run", run_id, "--time-limit", "30", stdout=subprocess.DEVNULL)
@@ -107,10 +108,10 @@ async def test_replay_to_eval_reports_exactly_the_verdicts_an_older_rule_got_wro
     assert by_event["was-correct"]["new"]["error_kind"] == "forbidden"
     assert by_event["was-correct"]["eval_id"] == "replay-r1-was-correct"
     assert summary["record"] == "summary" and summary["run_id"] == run_id
-    counts = {k: summary[k] for k in ("turns_read", "no_code", "replayed", "unchanged", "changed", "missing_problems",
-                                      "errors", "malformed_lines", "other_device")}  # fmt: skip
-    assert counts == {"turns_read": 6, "no_code": 1, "replayed": 4, "unchanged": 2, "changed": 2, "missing_problems": 1,
-                      "errors": 0, "malformed_lines": 1, "other_device": 0}  # fmt: skip
+    counts = {k: summary[k] for k in ("turns_read", "no_code", "old_no_verdict", "replayed", "unchanged", "changed",
+                                      "missing_problems", "errors", "malformed_lines", "other_device")}  # fmt: skip
+    assert counts == {"turns_read": 7, "no_code": 1, "old_no_verdict": 1, "replayed": 4, "unchanged": 2, "changed": 2,
+                      "missing_problems": 1, "errors": 0, "malformed_lines": 1, "other_device": 0}  # fmt: skip
     assert summary["changed_by_kind"] == {"correct_to_wrong": 1, "error_kind": 2, "no_longer_compiles": 1, "wrong_to_correct": 1}
     assert summary["missing_problem_ids"] == ["level1/999_NotThere"]
     assert "was-wrong" in done.stdout and "wrong_to_correct,error_kind" in done.stdout  # the terminal table

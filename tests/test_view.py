@@ -387,3 +387,76 @@ def test_a_100k_turn_report_renders_one_page(browser: Any, big_report: Path) -> 
     assert p.locator("tr.detail .turn").nth(3).locator(".dl.add").count() == 8  # "def k…_3" and "return x * 3", four times
     assert page.errors == [] and page.dialogs == []
     p.close()
+
+
+def write_split_logs(logs: Path) -> None:
+    """Two training dialogues (a: correct, b: not) and two held-out eval ones (e: correct; ei: turns only), one turn
+    each, all at step 1."""
+    logs.mkdir(parents=True)
+    turn_codec, traj_codec = m.codec_for(m.TurnEvent), m.codec_for(m.TrajectoryEvent)
+    with open(logs / "turns.jsonl", "wb") as turns, open(logs / "trajectories.jsonl", "wb") as trajs:
+        held_out = "eval-0001-heldout-p"
+        dialogues = (("a", "g1", True), ("b", "g1", False), ("e", f"{held_out}0", True), ("ei", f"{held_out}1", False))
+        for tid, group, correct in dialogues:
+            verdict = result(compiled=True, correct=correct, speedup=2.0 if correct else 0.0, kind="" if correct else "mismatch")
+            prompt = turn_messages(PROBLEM_SOURCE, [])
+            data = m.TurnData(prompt=prompt, kernel_code=tid, eval_result=verdict, reward=reward_of(verdict))
+            turn = m.TurnEvent(event_id=f"{tid}-0", timestamp="t", instance_id="level1/1_ReLU", turn_idx=0, turn_data=data,
+                               trajectory_id=tid, group_id=group, policy_version=1)  # fmt: skip
+            turns.write(turn_codec.encode(turn) + b"\n")
+            if tid == "ei":
+                continue
+            trajectory = m.TrajectoryEvent(
+                event_id=f"traj-{tid}",
+                timestamp="t",
+                instance_id="level1/1_ReLU",
+                final_reward=data.reward,
+                num_turns=1,
+                turn_rewards=[data.reward],
+                aggregated_return=data.reward,
+                history=[m.HistoryEntry(turn_idx=0, kernel_code=tid, eval_result=verdict, reward=data.reward)],
+                execution_details=m.ExecutionDetails(final_correctness=correct, final_speedup=verdict.speedup),
+                extra_info={"step": 1},
+                trajectory_id=tid,
+                group_id=group,
+                policy_version=1,
+            )
+            trajs.write(traj_codec.encode(trajectory) + b"\n")
+
+
+def test_held_out_eval_dialogues_are_marked_filterable_and_not_in_the_curves(browser: Any, tmp_path: Path) -> None:
+    write_split_logs(tmp_path / "logs")
+    done = run_view(str(tmp_path / "logs"))
+    assert done.returncode == 0, done.stderr
+    report = tmp_path / "logs" / "report.html"
+    index = embedded(report.read_text(encoding="utf-8"), "krl-index")
+    assert index["meta"]["splits"] == ["training", "held-out eval"]
+    assert {r[0]: index["meta"]["splits"][r[11]] for r in index["rows"]} == {
+        "a": "training",
+        "b": "training",
+        "e": "held-out eval",
+        "ei": "held-out eval",
+    }
+    assert [(s[0], s[1], s[3]) for s in index["by_step"]] == [(1, 2, 1)]  # step 1: a and b, one correct; e is not counted
+    assert [(s[0], s[1], s[4]) for s in index["by_turn"]] == [(0, 2, 1)]  # turn 0 of a and b only
+
+    page = Page(browser, report)
+    page.select("split", "held-out eval")
+    assert sorted(page.rows()) == ["e", "ei"]
+    assert page.page.locator("#rows tr.row td:nth-child(2)").all_text_contents() == ["eval 1", "eval 1"]
+    page.select("split", "training")
+    assert sorted(page.rows()) == ["a", "b"]
+    assert page.errors == [] and page.dialogs == []
+    page.page.close()
+
+
+def test_the_report_uses_the_runs_own_reward_weights(tmp_path: Path) -> None:
+    write_split_logs(tmp_path / "run" / "logs")
+    (tmp_path / "run" / "config.toml").write_text("[reward]\ncompile_weight = 0.2\nspeedup_cap = 1.0\n")
+    done = run_view(str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    meta = embedded((tmp_path / "run" / "logs" / "report.html").read_text(encoding="utf-8"), "krl-index")["meta"]
+    assert (meta["reward"]["compile"], meta["reward"]["cap"], meta["reward"]["correct"]) == (0.2, 1.0, 0.3)
+    (tmp_path / "run" / "config.toml").write_text("[reward]\ncompile_weight = 'high'\n")
+    done = run_view(str(tmp_path / "run"))
+    assert done.returncode == 2 and "config.toml: cannot read [reward]" in done.stderr
