@@ -40,3 +40,18 @@ def test_the_default_run_trains_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     config = (run.path / "config.toml").read_text()
     assert "warm-" in config  # generator and learner started from the cached warm start
     assert f"Run {run.run_id}: {len(steps)} training steps" in done.stdout
+
+    # the tools over the logs of this real run: analyze's counts are the files' own, and view reports every dialogue
+    from kernelrl.actors.analysis_read import analyze
+
+    s = analyze([run.path]).combined
+    assert (s.records.turns, s.records.trajectories, s.records.steps) == (len(turns), 24, len(steps))
+    assert s.records.skipped == {} and s.records.eval_trajectories == 0
+    assert s.overall.correct == sum(bool(t["execution_details"]["final_correctness"]) for t in trajectories)  # type: ignore[index]
+    assert sum(t.trajectories for t in s.per_turn) == len(turns)
+    assert sum(o.trajectories for o in s.per_step) == 24 and [st.step for st in s.steps] == [st["step"] for st in steps]
+    report = tmp_path / "report.html"
+    viewed = subprocess.run(kernelrl_cmd("view", str(run.path), "--output", str(report)), cwd=tmp_path, env=command_env(),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert viewed.returncode == 0, viewed.stderr
+    assert f"24 trajectories, {len(turns)} turns, {len(steps)} steps" in viewed.stdout and report.stat().st_size > 0
