@@ -13,7 +13,8 @@ scored), and all about a trajectory's *final* turn (the kernel the dialogue ende
 - reward = the trajectory's ``aggregated_return`` (``R_0``, what training maximises); ``std_reward`` is the
   population standard deviation;
 - ``fast_p[p]`` for p in ``FAST_P``: share of trajectories correct with speedup > p (KernelBench's fast_p);
-  keys are ``str(p)`` ("0.0", "1.0", "1.5", "2.0", as in ``kernelrl analyze``);
+  keys are ``str(p)`` ("0.0", "1.0", "1.5", "2.0", as in ``kernelrl analyze``). A correct kernel that was not
+  timed (the CPU interpreter reports speedup 0) is in ``accuracy`` but in no ``fast_p``;
 - ``beat_rate``: share correct and faster than the baseline (speedup > 1, i.e. ``fast_p["1.0"]``);
 - ``pass_at_k[k]``: the unbiased estimator 1 − C(n−c, k)/C(n, k) per problem (n samples, c correct), averaged over
   the problems with n ≥ k, for k in 1, 2, 4, … ≤ K and K itself; keys are ``str(k)``.
@@ -22,7 +23,8 @@ Fields ``EvalSummary`` does not have (per-problem counts, the samples file ...) 
 ``extra``; a field added to ``EvalSummary`` later is filled at the top level instead, with no change here.
 
 Eval requests are ordinary ``RolloutRequest``s whose group ids start with ``eval-`` (a training run's buffer
-ignores them as groups it never issued; log readers can tell them from training rollouts by that prefix).
+ignores them as groups it never issued; ``kernelrl analyze``, ``view`` and the W&B table tell them from training
+rollouts by that prefix).
 """
 
 from __future__ import annotations
