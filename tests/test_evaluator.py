@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,6 +87,15 @@ def start_evaluator(spawn: Callable[..., subprocess.Popen[str]], url: str, run_i
     )  # fmt: skip
 
 
+async def eval_queue_left(bus: Bus, timeout_s: float = 10.0) -> int:
+    """The eval queue's messages once it is empty, or after ``timeout_s``: a request is acked just after its result
+    is published, so the queue empties a moment after the requester has the result."""
+    deadline = time.monotonic() + timeout_s
+    while (left := (await bus.js.stream_info(bus.subjects.eval_stream)).state.messages) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return left
+
+
 async def test_evaluator_answers_the_requester_and_acks(
     bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:
@@ -98,8 +108,7 @@ async def test_evaluator_answers_the_requester_and_acks(
     by_id = {r.eval_id: r for r in replies.results}
     assert by_id[good.eval_id].correctness and by_id[good.eval_id].evaluator_id.startswith("evaluator-")
     assert by_id[bad.eval_id].error_kind == "mismatch"
-    info = await bus.js.stream_info(bus.subjects.eval_stream)
-    assert info.state.messages == 0  # acked jobs leave the work queue
+    assert await eval_queue_left(bus) == 0  # acked jobs leave the work queue
     evaluator.send_signal(signal.SIGTERM)
     assert evaluator.wait(timeout=30) == 0
 
@@ -254,8 +263,7 @@ async def test_bad_requests_are_answered_or_terminated_and_the_evaluator_keeps_s
     assert by_id["not-utf8"].error_kind == "bad_request"
     bad = [r for r in replies.results if r.error_kind == "bad_request"]
     assert len(bad) == 2 and any("candidate_source" in r.error_message for r in bad)
-    info = await bus.js.stream_info(bus.subjects.eval_stream)
-    assert info.state.messages == 0  # nothing is left to be redelivered forever
+    assert await eval_queue_left(bus) == 0  # nothing is left to be redelivered forever
     assert evaluator.poll() is None
     evaluator.send_signal(signal.SIGTERM)
     assert evaluator.wait(timeout=30) == 0
