@@ -10,12 +10,14 @@ and msgspec holds the GIL while it decodes.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import multiprocessing.pool
 import os
+import signal
 import threading
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -367,9 +369,37 @@ def _read_plans(plans: list[tuple[Path, str, RewardConfig, list[LogPart]]], top_
             for part in parts:
                 stats.merge(read_part(log_dir, part, reward, top_n, name))
         return runs
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = [[pool.submit(read_part, d, part, reward, top_n, name) for part in parts] for d, name, reward, parts in plans]
-        for stats, run_futures in zip(runs, futures, strict=True):
-            for future in run_futures:
-                stats.merge(future.result())
+    jobs_in_order = [(i, (d, part, reward, top_n, name)) for i, (d, name, reward, parts) in enumerate(plans) for part in parts]
+    with interrupted_by_ctrl_c(), worker_pool(workers) as pool:  # leaving the block (an error, Ctrl-C) terminates it
+        for (i, _), part_stats in zip(jobs_in_order, pool.imap(_read_part_job, [job for _, job in jobs_in_order]), strict=True):
+            runs[i].merge(part_stats)
     return runs
+
+
+def _read_part_job(job: tuple[Path, LogPart, RewardConfig, int, str]) -> RunStats:
+    return read_part(*job)
+
+
+def worker_pool(workers: int) -> multiprocessing.pool.Pool:
+    """Forked workers that leave Ctrl-C to this process, which terminates them. A ``multiprocessing.Pool`` worker
+    holds only its own ends of the task and result pipes, so it also ends when this process is killed."""
+    return multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker)
+
+
+def _init_worker() -> None:
+    signal.set_wakeup_fd(-1)  # the parent's event loop's signal pipe is not this process's
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def interrupted_by_ctrl_c() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` at once while the block runs, even under an event loop's SIGINT handler
+    (which would only cancel a task the blocked loop never gets back to)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

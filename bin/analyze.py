@@ -47,6 +47,9 @@ async def amain(args: argparse.Namespace) -> int:
     except AnalysisError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the workers are stopped already
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     print(report(analysis))
     try:
         if args.output:

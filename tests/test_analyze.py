@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import msgspec
@@ -292,16 +293,15 @@ def test_a_run_read_in_many_small_parts_gives_the_sequential_summary() -> None:
 
 WORKERS_SCRIPT = """
 import sys, msgspec
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from kernelrl.actors import analysis_read
 
 pools = []
-class CountedPool(ProcessPoolExecutor):
-    def __init__(self, *args, **kwargs):
-        pools.append(args[0])
-        super().__init__(*args, **kwargs)
-analysis_read.ProcessPoolExecutor = CountedPool
+real_pool = analysis_read.worker_pool
+def counted_pool(workers):
+    pools.append(workers)
+    return real_pool(workers)
+analysis_read.worker_pool = counted_pool
 runs = [Path(p) for p in sys.argv[1:]]
 analysis_read.analyze(runs, top_n=3, jobs=2)  # small files: one part each, read here
 small = list(pools)
@@ -324,3 +324,65 @@ def test_large_logs_are_read_by_worker_processes() -> None:
     assert result["pools"] == [2]
     whole = msgspec.to_builtins(analyze([RUN_A, RUN_B], top_n=3, jobs=1))
     assert _same_numbers(result["analysis"], whole)
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (this sandbox's init may never reap one)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid``."""
+    kids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"\nPPid:\t{pid}\n" in status.read_text() and _alive(int(status.parent.name)):
+                kids.append(int(status.parent.name))
+        except (OSError, ValueError):
+            continue
+    return kids
+
+
+@pytest.fixture(scope="module")
+def many_big_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """40 run directories sharing one 70 MB turns.jsonl (symlinked): big enough to be cut into parts, long to read."""
+    root = tmp_path_factory.mktemp("big")
+    event = m.TurnEvent(event_id="e", timestamp="t", instance_id="level1/1_ReLU", turn_idx=0,
+                        turn_data=m.TurnData(kernel_code="x = 1\n" * 40, eval_result=m.EvalResult(compiled=True)))  # fmt: skip
+    line = m.codec_for(m.TurnEvent).encode(event) + b"\n"
+    (root / "logs").mkdir()
+    (root / "logs" / "turns.jsonl").write_bytes(line * (70_000_000 // len(line)))
+    runs = []
+    for i in range(40):
+        (root / f"r{i}").mkdir()
+        (root / f"r{i}" / "logs").symlink_to(root / "logs")
+        runs.append(root / f"r{i}")
+    return runs
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_stopped_or_killed_analyze_leaves_no_worker_behind(many_big_runs: list[Path], sig: signal.Signals) -> None:
+    """Ctrl-C stops `kernelrl analyze` at once (exit 130, one line), and its workers go with it; so they do when it
+    is killed outright (a pool worker holds only its own ends of the task and result pipes)."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "kernelrl.bin.analyze", "--jobs", "2", *map(str, many_big_runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(workers := _children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(workers) == 2, "the workers never started"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and err.strip() == "kernelrl analyze: interrupted"
+    deadline = time.monotonic() + 10
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [w for w in workers if _alive(w)]
