@@ -134,7 +134,7 @@ class RunSummary(msgspec.Struct, kw_only=True):
     per_problem: list[Outcome]
     top: list[TopTrajectory]
     steps: list[StepTrend]
-    per_step: list[StepOutcome]
+    per_step: list[StepOutcome] = []  # absent from an analysis.json of an earlier version
     speedup_histogram: SpeedupHistogram
 
 

@@ -11,6 +11,7 @@ and msgspec holds the GIL while it decodes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -19,7 +20,7 @@ import threading
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import msgspec
 
@@ -71,10 +72,6 @@ class _Exec(msgspec.Struct, gc=False):
     final_speedup: float | None = 0.0
 
 
-class _TrajectoryExtra(msgspec.Struct, gc=False):
-    step: Any = None  # an int from the generator; anything else (another tool's extra_info) falls back
-
-
 class TrajectoryRow(msgspec.Struct, gc=False):
     instance_id: str
     num_turns: int
@@ -86,7 +83,7 @@ class TrajectoryRow(msgspec.Struct, gc=False):
     event_id: str = ""
     policy_version: int = 0
     group_id: str = ""
-    extra_info: _TrajectoryExtra = msgspec.field(default_factory=_TrajectoryExtra)
+    extra_info: Any = None  # the generator's dict with an int "step"; anything else (another tool's) falls back
 
 
 class _Groups(msgspec.Struct, gc=False):
@@ -142,7 +139,9 @@ def stream_records(
         while left > 0 and (chunk := f.read(min(size, left))):
             cut = chunk.rfind(b"\n") + 1
             if not cut:  # a record longer than the chunk, or a last line without its newline
-                if len(chunk) < size:  # the range's end, or the file's (it was cut back): a torn or unfinished line
+                if len(chunk) < min(size, left) and f.read(1):  # a short read that is not the file's end
+                    f.seek(-1, 1)
+                elif len(chunk) < size:  # the range's end, or the file's (cut back since): a torn or unfinished line
                     yield _decode_each(decoder, chunk, bad)
                     return
                 f.seek(-len(chunk), 1)
@@ -163,15 +162,30 @@ def line_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
     """``[start, end)`` byte ranges that cover the file in about ``parts`` equal pieces, each cut just after a
     newline, so every line lies whole in exactly one range."""
     size = path.stat().st_size
+    targets = [size * k // parts for k in range(1, parts)] + [size]
     cuts = [0]
-    with path.open("rb") as f:
-        for k in range(1, parts):
-            target = max(size * k // parts, cuts[-1])
-            f.seek(target)
-            f.readline()  # to the start of the next line (the file's end if there is none)
-            if (pos := f.tell()) < size and pos > cuts[-1]:
-                cuts.append(pos)
+    with path.open("rb", buffering=0) as f:
+        for target, next_target in itertools.pairwise(targets):
+            if target < cuts[-1]:
+                continue
+            if (cut := _next_line_start(f, target, next_target)) is not None:
+                cuts.append(cut)
     return list(zip(cuts, [*cuts[1:], size], strict=True))
+
+
+def _next_line_start(f: BinaryIO, start: int, limit: int, block: int = 1 << 16) -> int | None:
+    """The offset just after the first newline at or after ``start`` and before ``limit``; None if there is none
+    (a line longer than the part: the cut is dropped). Reads in blocks, never more than ``limit - start`` bytes."""
+    pos = start
+    while pos < limit:
+        f.seek(pos)
+        data = f.read(min(block, limit - pos))
+        if not data:
+            return None
+        if (i := data.find(b"\n")) >= 0:
+            return pos + i + 1 if pos + i + 1 < limit else None
+        pos += len(data)
+    return None
 
 
 # ---------------------------------------------------------------- one run
@@ -206,6 +220,12 @@ def run_name(log_dir: Path) -> str:
     """The run's id: the run directory's name (through a ``latest`` link), else the logs directory's."""
     real = log_dir.resolve()
     return real.parent.name if real.name == "logs" else real.name
+
+
+def sampled_at_step(extra_info: Any, policy_version: int) -> int:
+    """The step whose rollout round asked for the trajectory (``extra_info["step"]``), else its policy version."""
+    step = extra_info.get("step") if isinstance(extra_info, dict) else None
+    return step if type(step) is int else policy_version
 
 
 def progression(history: Sequence[_Hist]) -> str:
@@ -287,7 +307,7 @@ def _read_trajectories(stats: RunStats, path: Path, bad: list[int], start: int, 
                 ex.final_speedup or 0.0,
                 progression(row.history) if ret > stats.top_floor else "",
                 row.policy_version,
-                step if type(step := row.extra_info.step) is int else row.policy_version,
+                sampled_at_step(row.extra_info, row.policy_version),
             )
 
 

@@ -93,7 +93,8 @@ def test_one_run_every_number_is_a_hand_count() -> None:
     assert conv.fast_p == {"0.0": 0.5, "1.0": 0.5, "1.5": 0.5, "2.0": 0.0}  # ta4 at 2.0x; ta3's final kernel is wrong
     assert [t.timed_correct for t in s.per_turn] == [2, 1, 1]
 
-    # by the step that sampled them: extra_info.step (ta4: 5), else the policy version (ta3's step is not a number)
+    # by the step that sampled them: extra_info.step (ta4: 5), else the policy version (ta3's step is not a number,
+    # ta2's extra_info is null)
     assert [(o.step, o.trajectories, o.correct, o.final_correct_rate) for o in s.per_step] == [
         (0, 2, 1, 0.5),  # ta2, ta3
         (1, 1, 1, 1.0),  # ta1
