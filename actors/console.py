@@ -150,7 +150,7 @@ def format_eval_block(ev: m.EvalSummary, saved_to: str = "", samples_to: str = "
         f"Eval at step {ev.step} (policy v{ev.policy_version}): {problems} problems × {k} samples, {ev.eval_time:.1f}s",
         "Detailed Rubric Statistics:",
         f"   Accuracy: {ev.correct_answers}/{n} ({pct(ev.correct_answers):.1f}%)",
-        f"   Attempted answers: {ev.compiled}/{n} ({pct(ev.compiled):.1f}%)",
+        f"   Attempted answers: {ev.attempted}/{n} ({pct(ev.attempted):.1f}%)",
         f"   Avg turns (correct): {ev.avg_turns_correct:.2f} turns",
         f"   Reward: avg {ev.avg_reward:.3f}  median {ev.median_reward:.3f}  std {ev.std_reward:.3f}  "
         f"min {ev.min_reward:.3f}  max {ev.max_reward:.3f}",

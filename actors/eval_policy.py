@@ -7,8 +7,8 @@ rollout requests for fixed problems on a run's bus, collect their trajectories, 
 Definitions, all over the trajectories that arrived (a request parked or timed out is reported as missing, never
 scored), and all about a trajectory's *final* turn (the kernel the dialogue ended with):
 
-- ``accuracy`` = correct / total; ``compiled`` = final kernels that compiled (the seed's "attempted answers",
-  ``attempted_answer`` in the eval JSON);
+- ``accuracy`` = correct / total; ``compiled`` = final kernels that compiled, also as ``attempted_answer`` (the
+  seed's name; a summary of an earlier version has only ``compiled``: read ``EvalSummary.attempted``);
 - ``avg_turns_correct``, ``avg_speedup_correct``: means over the correct trajectories (0 if none);
 - reward = the trajectory's ``aggregated_return`` (``R_0``, what training maximises); ``std_reward`` is the
   population standard deviation;
@@ -152,6 +152,7 @@ def summary_fields(outcomes: Sequence[Outcome], samples_per_problem: int) -> dic
         "correct_answers": len(correct),
         "total_samples": n,
         "compiled": sum(o.compiled for o in outcomes),
+        "attempted_answer": sum(o.compiled for o in outcomes),  # the seed's name for it
         "avg_reward": stats.mean,
         "median_reward": stats.median,
         "std_reward": stats.std,

@@ -160,9 +160,11 @@ class RunLogFiles:
 
 
 def eval_block(msg: m.EvalSummary, saved_to: Path) -> str:
-    """The eval block ``kernelrl eval`` prints; the samples are named as written beside the summary (``extra``)."""
-    samples = Path(str(console.summary_value(msg, "samples_file", ""))).name
-    return console.format_eval_block(msg, str(saved_to), str(saved_to.with_name(samples)) if samples else "")
+    """The eval block ``kernelrl eval`` prints. The samples file (``extra``) is named where it is, beside the summary;
+    an evaluation that wrote its samples elsewhere (``kernelrl eval --output``) names them itself."""
+    name = Path(str(console.summary_value(msg, "samples_file", ""))).name
+    samples = saved_to.with_name(name) if name else None
+    return console.format_eval_block(msg, str(saved_to), str(samples) if samples and samples.is_file() else "")
 
 
 def _count(n: int, noun: str) -> str:

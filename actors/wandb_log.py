@@ -104,7 +104,7 @@ def eval_metrics(ev: m.EvalSummary) -> dict[str, float]:
         "eval/accuracy": ev.accuracy,
         "eval/correct_answers": ev.correct_answers,
         "eval/total_samples": ev.total_samples,
-        "eval/attempted_answer": ev.compiled,
+        "eval/attempted_answer": ev.attempted,
         "eval/avg_reward": ev.avg_reward,
         "eval/median_reward": ev.median_reward,
         "eval/std_reward": ev.std_reward,

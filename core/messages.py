@@ -237,9 +237,7 @@ class EvalSummary(Message, frozen=True):
     timestamp: str = ""
     run_id: str = ""
     policy_version: int = 0
-    # Final kernels that compiled: the seed's "attempted answers", under its JSON name (EvalResult.compiled is a bool
-    # of one verdict, unrelated).
-    compiled: int = msgspec.field(default=0, name="attempted_answer")
+    compiled: int = 0  # final kernels that compiled (EvalResult.compiled is one verdict's bool, unrelated)
     avg_reward: float = 0.0
     median_reward: float = 0.0
     std_reward: float = 0.0
@@ -252,6 +250,12 @@ class EvalSummary(Message, frozen=True):
     beat_rate: float = 0.0  # share of samples whose final kernel is correct and faster than the baseline
     eval_time: float = 0.0
     extra: dict[str, Any] = {}
+    attempted_answer: int = 0  # = compiled, under the seed's name (0 in a summary from before it)
+
+    @property
+    def attempted(self) -> int:
+        """Final kernels that compiled, from a summary of any version."""
+        return self.attempted_answer or self.compiled
 
 
 # ---------------------------------------------------------------- training and control

@@ -62,7 +62,7 @@ def test_pass_at_k_is_the_unbiased_estimator() -> None:
 def test_the_summary_equals_hand_counts() -> None:
     s = summarize(HAND, step=12, samples_per_problem=4, eval_time=9.5, run_id="r1")
     assert (s.step, s.run_id, s.policy_version, s.eval_time) == (12, "r1", 4, 9.5)
-    assert (s.correct_answers, s.total_samples, s.compiled) == (3, 6, 5)
+    assert (s.correct_answers, s.total_samples, s.compiled, s.attempted_answer) == (3, 6, 5, 5)
     assert s.accuracy == 0.5
     assert s.avg_reward == pytest.approx(3.36 / 6)
     assert s.median_reward == pytest.approx((0.1 + 0.56) / 2)
@@ -123,8 +123,8 @@ def replay_log(path: Path, responses: list[str]) -> Path:
 
 EVAL_JSON_FIELDS = {
     "event_id", "step", "timestamp", "run_id", "policy_version", "accuracy", "correct_answers", "total_samples",
-    "attempted_answer", "avg_reward", "median_reward", "std_reward", "min_reward", "max_reward", "fast_p", "pass_at_k",
-    "avg_turns_correct", "avg_speedup_correct", "eval_time", "extra", "v",
+    "compiled", "attempted_answer", "avg_reward", "median_reward", "std_reward", "min_reward", "max_reward", "fast_p",
+    "pass_at_k", "avg_turns_correct", "avg_speedup_correct", "eval_time", "extra", "v",
 }  # fmt: skip
 
 
@@ -144,7 +144,7 @@ async def test_kernelrl_eval_writes_the_eval_json_the_samples_and_a_wandb_table(
         and {"per_problem", "samples_per_problem", "n_problems", "missing", "samples_file"} <= summary["extra"].keys()
     )
     assert (summary["step"], summary["accuracy"], summary["correct_answers"], summary["total_samples"]) == (7, 0.5, 1, 2)
-    assert summary["attempted_answer"] == 2 and "compiled" not in summary and summary["avg_turns_correct"] == 1.0
+    assert summary["attempted_answer"] == summary["compiled"] == 2 and summary["avg_turns_correct"] == 1.0
     assert summary["pass_at_k"] == {"1": 0.5, "2": 1.0}
     # interpreter timings earn no reward for speed: 0.1 + 0.3 for the right kernel, 0.1 + 0.4 * 0.1 for two wrong turns
     assert (summary["max_reward"], summary["min_reward"]) == pytest.approx((0.4, 0.14))
@@ -181,3 +181,12 @@ def test_an_empty_held_out_split_is_one_line_and_exit_2(tmp_path: Path) -> None:
 def kernelrl_eval() -> list[str]:
 
     return kernelrl_cmd("eval")
+
+
+def test_a_summary_from_before_attempted_answer_still_reads_its_compiled_count() -> None:
+    from kernelrl.actors.console import format_eval_block
+
+    old = b'{"event_id":"e","step":1,"accuracy":0.5,"correct_answers":2,"total_samples":4,"compiled":3,"v":1}'
+    ev = m.codec_for(m.EvalSummary).decode(old)
+    assert (ev.compiled, ev.attempted_answer, ev.attempted) == (3, 0, 3)
+    assert "   Attempted answers: 3/4 (75.0%)" in format_eval_block(ev)

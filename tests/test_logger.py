@@ -228,8 +228,11 @@ async def test_two_eval_summaries_for_one_step_both_survive_and_a_redelivery_ove
 
 
 async def test_the_logger_prints_the_eval_block_that_kernelrl_eval_prints(bus: Bus, run_id: str, tmp_path: Path) -> None:
+    extra = {"samples_file": "eval_step_0003.samples.jsonl", "n_problems": 2}
     summary = m.EvalSummary(event_id=f"{run_id}-eval", step=3, accuracy=0.5, correct_answers=2, total_samples=4, compiled=3,
-                            extra={"samples_file": "eval_step_0003.samples.jsonl", "n_problems": 2})  # fmt: skip
+                            attempted_answer=3, extra=extra)  # fmt: skip
+    (tmp_path / "eval_logs").mkdir()
+    (tmp_path / "eval_logs" / "eval_step_0003.samples.jsonl").write_bytes(b"")  # kernelrl eval writes it, then publishes
     await bus.publish(bus.subjects.event_eval, summary)
     actor = await run_logger_until(bus, LoggerSettings(log_dir=str(tmp_path)), lambda a: a.counters["written_EvalSummary"] == 1)
     text = actor.out.getvalue()  # type: ignore[attr-defined]
