@@ -27,11 +27,14 @@ The row and metric builders are pure (tested without wandb); ``WandbSink`` is th
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import importlib
+import os
 import re
+import secrets
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -61,11 +64,23 @@ def import_wandb() -> ModuleType:
         raise WandbMissing(INSTALL_HINT) from None
 
 
-def wandb_run_id(run_id: str) -> str:
-    """The W&B run id of a kernelrl run, the same at every start, so a restarted logger resumes its W&B run (W&B
-    forbids some characters in ids; the hash keeps two run ids that differ only in those apart)."""
+WANDB_ID_FILE = "wandb_run_id"  # in the log directory: the W&B run of these logs
+
+
+def wandb_run_id(run_id: str, log_dir: Path) -> str:
+    """The W&B run id of the run whose logs are in ``log_dir``: made once (the run id, made safe for W&B, and a
+    random suffix, so a new run reusing an old run's name gets a W&B run of its own) and kept in
+    ``log_dir/wandb_run_id``, so a restarted logger resumes the same W&B run."""
+    path = log_dir / WANDB_ID_FILE
+    with contextlib.suppress(FileNotFoundError):
+        if kept := path.read_text().strip():
+            return kept
     safe = re.sub(r"[^A-Za-z0-9._-]", "-", run_id)[:48]
-    return f"kernelrl-{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+    made = f"kernelrl-{safe}-{secrets.token_hex(4)}"
+    tmp = path.with_name(f".{WANDB_ID_FILE}.{os.getpid()}")
+    tmp.write_text(made + "\n")
+    os.replace(tmp, path)
+    return made
 
 
 # ---------------------------------------------------------------- metrics

@@ -37,14 +37,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="also log step and eval metrics and trajectories to W&B (pip install 'kernelrl[wandb]')")  # fmt: skip
 
 
-def open_wandb(config: Config, settings: LoggerSettings) -> WandbSink:
-    """The run's W&B run, under an id derived from the run id: a restarted logger continues it (``resume="allow"``)."""
+def open_wandb(config: Config, settings: LoggerSettings) -> WandbSink | None:
+    """The W&B run of these logs (its id kept beside them: a restarted logger continues it). W&B failing to start
+    (no network in online mode, a bad project) costs the W&B view only: a warning, and the logger writes its files."""
     from kernelrl.actors.wandb_log import WandbSink, wandb_run_id
 
-    run_id = wandb_run_id(config.bus.run) if config.bus.run else None
-    return WandbSink(project=settings.wandb_project, run_name=config.bus.run, max_turns=config.reward.max_turns,
-                     samples_per_step=settings.wandb_samples_per_step, reward=config.reward, run_id=run_id,
-                     resume="allow" if run_id else None)  # fmt: skip
+    run_id = wandb_run_id(config.bus.run or "run", Path(settings.log_dir))
+    try:
+        return WandbSink(project=settings.wandb_project, run_name=config.bus.run, max_turns=config.reward.max_turns,
+                         samples_per_step=settings.wandb_samples_per_step, reward=config.reward, run_id=run_id,
+                         resume="allow")  # fmt: skip
+    except WandbMissing:
+        raise
+    except Exception as exc:  # wandb's own errors have no common base worth naming; the logs must not wait on them
+        print(f"kernelrl logger: W&B did not start ({type(exc).__name__}: {exc}); logging to files only", file=sys.stderr)
+        return None
 
 
 async def amain(args: argparse.Namespace) -> int:

@@ -147,9 +147,15 @@ def test_the_turn_cache_keeps_unfinished_trajectories_only_and_is_bounded() -> N
     assert sorted(cache.pop("g2-s0")) == [0, 1] and cache.pop("g2-s0") == {} and len(cache) == 1
 
 
-def test_the_wandb_run_id_is_stable_and_valid() -> None:
-    assert wandb_run_id("20250101-120000") == wandb_run_id("20250101-120000")
-    assert wandb_run_id("a/b") != wandb_run_id("a-b") and not set(":;,#?/'") & set(wandb_run_id("a/b:c"))
+def test_the_wandb_run_id_is_kept_with_the_logs_and_new_for_new_logs(tmp_path: Path) -> None:
+    first, again, reused = tmp_path / "runs" / "a" / "logs", tmp_path / "runs" / "a" / "logs", tmp_path / "again" / "logs"
+    for d in (first, reused):
+        d.mkdir(parents=True)
+    made = wandb_run_id("exp/1:b", first)
+    assert wandb_run_id("exp/1:b", again) == made  # a restarted logger resumes its W&B run
+    assert (first / "wandb_run_id").read_text().strip() == made
+    assert wandb_run_id("exp/1:b", reused) != made  # a new run under an old run's name gets a W&B run of its own
+    assert made.startswith("kernelrl-exp-1-b-") and not set(":;,#?/'") & set(made)
 
 
 def test_asking_for_wandb_without_it_is_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -240,7 +246,23 @@ async def test_the_logger_tables_turns_in_wandb_and_a_restarted_logger_continues
         logger.send_signal(signal.SIGTERM)
         assert logger.wait(timeout=30) == 0
     first, second = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert first.name.endswith(wandb_run_id(run_id)) and second.name.endswith(wandb_run_id(run_id))
+    assert first.name.endswith(wandb_run_id(run_id, log_dir)) and second.name.endswith(wandb_run_id(run_id, log_dir))
     ((row,),) = table_rows(first)
     assert (row["step"], row["turn_1_response"]) == (2, TURNS[0].turn_data.response)
     assert "### Attempt 1" in row["turn_2_prompt"]
+
+
+async def test_a_logger_whose_wandb_fails_to_start_still_writes_its_logs(
+    bus: Bus, run_id: str, nats_server: EmbeddedNatsServer, tmp_path: Path, spawn: Callable[..., subprocess.Popen[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("WANDB_MODE", "no-such-mode")  # wandb.init refuses it, as it would an unreachable server
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    log_dir = tmp_path / "logs"
+    await bus.publish_many([(bus.subjects.event_turn, t) for t in TURNS])
+    logger = spawn("logger", "--nats", nats_server.url, "--run", run_id, "--log-dir", str(log_dir), "--wandb")
+    await wait_for(lambda: count_lines(log_dir / "turns.jsonl") == len(TURNS), 60, "the turns logged")
+    logger.send_signal(signal.SIGTERM)
+    out, _ = logger.communicate(timeout=30)
+    assert logger.returncode == 0
+    assert "kernelrl logger: W&B did not start (" in out and "logging to files only" in out
