@@ -48,7 +48,7 @@ INSTALL_HINT = "W&B logging needs the wandb package, which is not installed: pip
 TABLE = "full_trajectories"
 ROLE_ICONS = {"system": "⚙️ SYSTEM", "user": "👤 USER", "assistant": "🤖 ASSISTANT"}
 TURN_FIELDS = ("prompt", "response", "kernel", "eval", "reward", "reward_compile", "reward_correct", "reward_speed")
-TURN_CAPACITY = 2048  # unfinished trajectories whose turns the sink keeps; the oldest beyond it are dropped
+CHOSEN_CAPACITY = 256  # chosen dialogues not finished yet (a killed generator's never finish); the oldest dropped
 FROM_MESSAGES = "(no turn record: from the trajectory's messages)"
 NO_TURN_RECORD = "(no turn record reached the logger; the trajectory's messages hold only its last turn)"
 
@@ -162,28 +162,40 @@ def turns_by_trajectory(turns: Iterable[m.TurnEvent]) -> dict[str, dict[int, Tur
     return out
 
 
-class TurnCache:
-    """The turns of trajectories not finished yet, by trajectory id; past ``capacity`` trajectories, the one that
-    last had a turn longest ago is dropped."""
+class TableSample:
+    """The dialogues the table shows: the first ``per_step`` whose first turn arrives after a step's summary, chosen
+    then so that only their turns are kept. Memory is a few dialogues' text however many are in flight (keeping
+    every unfinished dialogue's turns would hold thousands on a cluster, and dropping some would drop the ones the
+    table needs). At most ``capacity`` chosen dialogues wait for their trajectory; past it the oldest is dropped."""
 
-    def __init__(self, capacity: int = TURN_CAPACITY) -> None:
+    def __init__(self, per_step: int, capacity: int = CHOSEN_CAPACITY) -> None:
+        self.per_step = per_step
         self.capacity = capacity
+        self._chosen_this_step = 0
         self._turns: OrderedDict[str, dict[int, TurnText]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._turns)
 
-    def add(self, ev: m.TurnEvent) -> None:
+    def turn(self, ev: m.TurnEvent) -> None:
         if not ev.trajectory_id:
             return
-        self._turns.setdefault(ev.trajectory_id, {})[ev.turn_idx] = turn_text(ev)
-        self._turns.move_to_end(ev.trajectory_id)
-        while len(self._turns) > self.capacity:
-            self._turns.popitem(last=False)
+        turns = self._turns.get(ev.trajectory_id)
+        if turns is None:
+            if self._chosen_this_step >= self.per_step:
+                return
+            self._chosen_this_step += 1
+            turns = self._turns[ev.trajectory_id] = {}
+            while len(self._turns) > self.capacity:
+                self._turns.popitem(last=False)
+        turns[ev.turn_idx] = turn_text(ev)
 
-    def pop(self, trajectory_id: str) -> dict[int, TurnText]:
-        """The trajectory's turns, forgotten here (its ``TrajectoryEvent`` has come)."""
-        return self._turns.pop(trajectory_id, {})
+    def finished(self, trajectory_id: str) -> dict[int, TurnText] | None:
+        """A chosen dialogue's turns, forgotten here (its ``TrajectoryEvent`` has come); None if it was not chosen."""
+        return self._turns.pop(trajectory_id, None)
+
+    def next_step(self) -> None:
+        self._chosen_this_step = 0
 
 
 def turn_prompts(messages: Sequence[m.ChatMessage]) -> list[list[m.ChatMessage]]:
@@ -288,11 +300,11 @@ def trajectory_row(sample: int, ev: m.TrajectoryEvent, max_turns: int, config: R
 
 
 class WandbSink:
-    """One W&B run. ``observe`` takes the run's events: turns are kept until their trajectory comes; trajectories (at
-    most ``samples_per_step`` between two step summaries) until the next ``StepSummary``, which logs the ``train/*``
-    metrics and those trajectories as a ``full_trajectories`` table; an ``EvalSummary`` logs the ``eval/*`` metrics.
-    Evaluation rollouts are not tabled here (``kernelrl eval --wandb`` tables its own). ``run_id`` with
-    ``resume="allow"``: a restart continues the same W&B run."""
+    """One W&B run. ``observe`` takes the run's events: the turns of the dialogues chosen for the table
+    (``TableSample``: ``samples_per_step`` a step) are kept until their trajectory comes, and those trajectories until
+    the next ``StepSummary``, which logs the ``train/*`` metrics and them as a ``full_trajectories`` table; an
+    ``EvalSummary`` logs the ``eval/*`` metrics. Evaluation rollouts are not tabled here (``kernelrl eval --wandb``
+    tables its own). ``run_id`` with ``resume="allow"``: a restart continues the same W&B run."""
 
     def __init__(
         self,
@@ -306,13 +318,13 @@ class WandbSink:
         mode: str | None = None,
         run_id: str | None = None,
         resume: str | None = None,
-        turn_capacity: int = TURN_CAPACITY,
+        chosen_capacity: int = CHOSEN_CAPACITY,
     ) -> None:
         self.wandb = import_wandb()
         self.max_turns = max_turns
         self.samples_per_step = samples_per_step
         self.reward = reward or RewardConfig()
-        self.turns = TurnCache(turn_capacity)
+        self.sample = TableSample(samples_per_step, chosen_capacity)
         self._pending: list[tuple[m.TrajectoryEvent, dict[int, TurnText]]] = []
         self._finished = False
         self.run = self.wandb.init(project=project, name=run_name or None, config=dict(config or {}), dir=directory, mode=mode,
@@ -343,13 +355,13 @@ class WandbSink:
     def observe(self, msg: m.Message) -> None:
         match msg:
             case m.TurnEvent() if not msg.group_id.startswith(EVAL_GROUP_PREFIX):
-                self.turns.add(msg)
+                self.sample.turn(msg)
             case m.TrajectoryEvent() if not msg.group_id.startswith(EVAL_GROUP_PREFIX):
-                turns = self.turns.pop(msg.trajectory_id)
-                if len(self._pending) < self.samples_per_step:
+                if (turns := self.sample.finished(msg.trajectory_id)) is not None:
                     self._pending.append((msg, turns))
             case m.StepSummary():
                 pending, self._pending = self._pending, []
+                self.sample.next_step()
                 self.log_step(msg, [ev for ev, _ in pending], {ev.trajectory_id: turns for ev, turns in pending})
             case m.EvalSummary():
                 self.log_eval(msg)

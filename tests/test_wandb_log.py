@@ -21,7 +21,7 @@ from kernelrl.actors.wandb_log import (
     FROM_MESSAGES,
     INSTALL_HINT,
     NO_TURN_RECORD,
-    TurnCache,
+    TableSample,
     eval_metrics,
     step_metrics,
     table_columns,
@@ -137,14 +137,23 @@ def test_a_row_is_filed_under_the_step_whose_policy_sampled_it() -> None:
     assert (row["step"], row["policy_version"], row["request_step"]) == (2, 2, 5)
 
 
-def test_the_turn_cache_keeps_unfinished_trajectories_only_and_is_bounded() -> None:
-    cache = TurnCache(capacity=2)
-    dialogues = [generator_dialogue([MISMATCH, MISMATCH], group_id=f"g{i}")[0] for i in range(3)]
-    for turns in dialogues:
+def test_the_table_keeps_the_turns_of_the_first_dialogues_after_each_step_only() -> None:
+    sample = TableSample(per_step=2, capacity=3)
+    dialogues = [generator_dialogue([MISMATCH, MISMATCH], group_id=f"g{i}")[0] for i in range(6)]
+    for turns in dialogues[:3]:  # g0 and g1 are chosen; g2 started after the step's two
         for ev in turns:
-            cache.add(ev)
-    assert len(cache) == 2 and cache.pop("g0-s0") == {}  # the oldest went first
-    assert sorted(cache.pop("g2-s0")) == [0, 1] and cache.pop("g2-s0") == {} and len(cache) == 1
+            sample.turn(ev)
+    assert sorted(sample.finished("g1-s0") or {}) == [0, 1] and sample.finished("g1-s0") is None
+    assert sample.finished("g2-s0") is None and len(sample) == 1  # g0 still running
+    sample.next_step()
+    for turns in dialogues[3:]:  # g3 and g4 chosen; g0 (never finished) is dropped past 3 waiting
+        for ev in turns:
+            sample.turn(ev)
+    sample.next_step()
+    for ev in generator_dialogue([MISMATCH], group_id="g6")[0]:
+        sample.turn(ev)
+    assert len(sample) == 3 and sample.finished("g0-s0") is None
+    assert [sorted(sample.finished(t) or {}) for t in ("g3-s0", "g4-s0", "g5-s0", "g6-s0")] == [[0, 1], [0, 1], [], [0]]
 
 
 def test_the_wandb_run_id_is_kept_with_the_logs_and_new_for_new_logs(tmp_path: Path) -> None:
