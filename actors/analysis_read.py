@@ -10,13 +10,7 @@ and msgspec holds the GIL while it decodes.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import multiprocessing
-import multiprocessing.pool
-import os
-import signal
-import threading
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,6 +19,7 @@ from typing import Any, BinaryIO, NamedTuple, TypeVar
 import msgspec
 
 from kernelrl.actors.analysis import Analysis, RunStats, StepTrend, progression_marks
+from kernelrl.actors.analysis_workers import WorkerDied, can_fork, default_jobs, in_workers, interrupted_by_ctrl_c
 from kernelrl.core.config import RewardConfig
 from kernelrl.core.subjects import EVAL_GROUP_PREFIX
 
@@ -168,14 +163,14 @@ def line_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
         for target, next_target in itertools.pairwise(targets):
             if target < cuts[-1]:
                 continue
-            if (cut := _next_line_start(f, target, next_target)) is not None:
+            if (cut := _next_line_start(f, target, next_target)) is not None and cut < size:
                 cuts.append(cut)
     return list(zip(cuts, [*cuts[1:], size], strict=True))
 
 
 def _next_line_start(f: BinaryIO, start: int, limit: int, block: int = 1 << 16) -> int | None:
-    """The offset just after the first newline at or after ``start`` and before ``limit``; None if there is none
-    (a line longer than the part: the cut is dropped). Reads in blocks, never more than ``limit - start`` bytes."""
+    """The offset just after the first newline in ``[start, limit)``; None if there is none (a line longer than
+    the part: the cut is dropped). Reads in blocks, never more than ``limit - start`` bytes."""
     pos = start
     while pos < limit:
         f.seek(pos)
@@ -183,7 +178,7 @@ def _next_line_start(f: BinaryIO, start: int, limit: int, block: int = 1 << 16) 
         if not data:
             return None
         if (i := data.find(b"\n")) >= 0:
-            return pos + i + 1 if pos + i + 1 < limit else None
+            return pos + i + 1
         pos += len(data)
     return None
 
@@ -341,11 +336,6 @@ _READERS: dict[str, Callable[[RunStats, Path, list[int], int, int], None]] = {
 # ---------------------------------------------------------------- several runs
 
 
-def default_jobs() -> int:
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def analyze(
     paths: Sequence[Path],
     default_reward: RewardConfig | None = None,
@@ -382,44 +372,17 @@ def _read_plans(plans: list[tuple[Path, str, RewardConfig, list[LogPart]]], top_
     runs = [RunStats(name, [str(log_dir)], reward, top_n) for log_dir, name, reward, _ in plans]
     workers = min(jobs, sum(len(parts) for *_, parts in plans))
     split = any(part.start > 0 for *_, parts in plans for part in parts)  # else every file is small: one part each
-    # Workers are forked (fast; spawn would re-run an unguarded caller's __main__), and only from a single-threaded
-    # process: a fork taken while another thread holds a lock can deadlock the child. Otherwise read here.
-    if not split or workers <= 1 or threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if not split or workers <= 1 or not can_fork():
         for stats, (log_dir, name, reward, parts) in zip(runs, plans, strict=True):
             for part in parts:
                 stats.merge(read_part(log_dir, part, reward, top_n, name))
         return runs
-    jobs_in_order = [(i, (d, part, reward, top_n, name)) for i, (d, name, reward, parts) in enumerate(plans) for part in parts]
-    with interrupted_by_ctrl_c(), worker_pool(workers) as pool:  # leaving the block (an error, Ctrl-C) terminates it
-        for (i, _), part_stats in zip(jobs_in_order, pool.imap(_read_part_job, [job for _, job in jobs_in_order]), strict=True):
-            runs[i].merge(part_stats)
-    return runs
-
-
-def _read_part_job(job: tuple[Path, LogPart, RewardConfig, int, str]) -> RunStats:
-    return read_part(*job)
-
-
-def worker_pool(workers: int) -> multiprocessing.pool.Pool:
-    """Forked workers that leave Ctrl-C to this process, which terminates them. A ``multiprocessing.Pool`` worker
-    holds only its own ends of the task and result pipes, so it also ends when this process is killed."""
-    return multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker)
-
-
-def _init_worker() -> None:
-    signal.set_wakeup_fd(-1)  # the parent's event loop's signal pipe is not this process's
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def interrupted_by_ctrl_c() -> Iterator[None]:
-    """Ctrl-C raises ``KeyboardInterrupt`` at once while the block runs, even under an event loop's SIGINT handler
-    (which would only cancel a task the blocked loop never gets back to)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    order = [i for i, (*_, parts) in enumerate(plans) for _ in parts]
+    jobs_in_order = [(d, part, reward, top_n, name) for d, name, reward, parts in plans for part in parts]
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        with interrupted_by_ctrl_c():
+            for i, part_stats in zip(order, in_workers(read_part, jobs_in_order, workers), strict=True):
+                runs[i].merge(part_stats)
+    except WorkerDied as exc:
+        raise AnalysisError(str(exc)) from None
+    return runs

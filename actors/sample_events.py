@@ -284,6 +284,7 @@ def sample_run(
             run_id=run_id,
             policy_version=steps,
             compiled=2 * groups - 1,
+            attempted_answer=2 * groups - 1,
             avg_reward=0.62,
             median_reward=0.4,
             std_reward=0.55,

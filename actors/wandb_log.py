@@ -181,13 +181,16 @@ class TableSample:
         if not ev.trajectory_id:
             return
         turns = self._turns.get(ev.trajectory_id)
-        if turns is None:
-            if self._chosen_this_step >= self.per_step:
-                return
-            self._chosen_this_step += 1
+        if ev.turn_idx == 0:  # a dialogue starts (or starts over: a retried request keeps its id)
+            if turns is None:
+                if self._chosen_this_step >= self.per_step:
+                    return
+                self._chosen_this_step += 1
+                while len(self._turns) >= self.capacity:
+                    self._turns.popitem(last=False)
             turns = self._turns[ev.trajectory_id] = {}
-            while len(self._turns) > self.capacity:
-                self._turns.popitem(last=False)
+        elif turns is None:  # a dialogue that started before it could be chosen
+            return
         turns[ev.turn_idx] = turn_text(ev)
 
     def finished(self, trajectory_id: str) -> dict[int, TurnText] | None:
@@ -357,7 +360,10 @@ class WandbSink:
             case m.TurnEvent() if not msg.group_id.startswith(EVAL_GROUP_PREFIX):
                 self.sample.turn(msg)
             case m.TrajectoryEvent() if not msg.group_id.startswith(EVAL_GROUP_PREFIX):
-                if (turns := self.sample.finished(msg.trajectory_id)) is not None:
+                turns = self.sample.finished(msg.trajectory_id)
+                if not msg.trajectory_id:  # another producer's record: no turns to match, its messages only
+                    turns = {}
+                if turns is not None and len(self._pending) < self.samples_per_step:
                     self._pending.append((msg, turns))
             case m.StepSummary():
                 pending, self._pending = self._pending, []

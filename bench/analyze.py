@@ -28,7 +28,7 @@ from pathlib import Path
 
 import msgspec
 
-from kernelrl.actors.analysis_read import default_jobs
+from kernelrl.actors.analysis_workers import default_jobs
 from kernelrl.core import messages as m
 
 SYSTEM = (

@@ -32,8 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    from kernelrl.actors.analysis_read import AnalysisError, analyze
-    from kernelrl.actors.analysis_report import report
+    from kernelrl.actors.analysis_workers import interrupted_by_ctrl_c
 
     prog = "kernelrl analyze"
     if args.top < 0:
@@ -42,14 +41,23 @@ async def amain(args: argparse.Namespace) -> int:
     if args.jobs is not None and args.jobs < 1:
         print(f"{prog}: --jobs must be ≥ 1", file=sys.stderr)
         return 2
+    with interrupted_by_ctrl_c():  # the command is synchronous: Ctrl-C stops it wherever it is (workers and all)
+        try:
+            return write_analysis(prog, args)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+
+
+def write_analysis(prog: str, args: argparse.Namespace) -> int:
+    from kernelrl.actors.analysis_read import AnalysisError, analyze
+    from kernelrl.actors.analysis_report import report
+
     try:
         analysis = analyze([Path(p) for p in args.logdirs], args.config.reward, args.top, args.jobs)
     except AnalysisError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the workers are stopped already
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
     print(report(analysis))
     try:
         if args.output:

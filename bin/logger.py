@@ -42,15 +42,16 @@ def open_wandb(config: Config, settings: LoggerSettings) -> WandbSink | None:
     (no network in online mode, a bad project) costs the W&B view only: a warning, and the logger writes its files."""
     from kernelrl.actors.wandb_log import WandbSink, wandb_run_id
 
-    run_id = wandb_run_id(config.bus.run or "run", Path(settings.log_dir))
     try:
+        run_id = wandb_run_id(config.bus.run or "run", Path(settings.log_dir))
         return WandbSink(project=settings.wandb_project, run_name=config.bus.run, max_turns=config.reward.max_turns,
                          samples_per_step=settings.wandb_samples_per_step, reward=config.reward, run_id=run_id,
                          resume="allow")  # fmt: skip
     except WandbMissing:
         raise
     except Exception as exc:  # wandb's own errors have no common base worth naming; the logs must not wait on them
-        print(f"kernelrl logger: W&B did not start ({type(exc).__name__}: {exc}); logging to files only", file=sys.stderr)
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        print(f"kernelrl logger: W&B did not start ({type(exc).__name__}: {reason}); logging to files only", file=sys.stderr)
         return None
 
 

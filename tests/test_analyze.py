@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -298,11 +299,11 @@ from pathlib import Path
 from kernelrl.actors import analysis_read
 
 pools = []
-real_pool = analysis_read.worker_pool
-def counted_pool(workers):
+real_in_workers = analysis_read.in_workers
+def counted_in_workers(fn, jobs, workers):
     pools.append(workers)
-    return real_pool(workers)
-analysis_read.worker_pool = counted_pool
+    return real_in_workers(fn, jobs, workers)
+analysis_read.in_workers = counted_in_workers
 runs = [Path(p) for p in sys.argv[1:]]
 analysis_read.analyze(runs, top_n=3, jobs=2)  # small files: one part each, read here
 small = list(pools)
@@ -365,10 +366,10 @@ def many_big_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return runs
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_a_stopped_or_killed_analyze_leaves_no_worker_behind(many_big_runs: list[Path], sig: signal.Signals) -> None:
-    """Ctrl-C stops `kernelrl analyze` at once (exit 130, one line), and its workers go with it; so they do when it
-    is killed outright (a pool worker holds only its own ends of the task and result pipes)."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill the command", "kill a worker"])
+def test_a_stopped_or_killed_analyze_leaves_no_worker_behind(many_big_runs: list[Path], stop: str) -> None:
+    """Ctrl-C stops `kernelrl analyze` at once (exit 130, one line) and its workers with it; a killed command's
+    workers end by themselves; a worker that dies is an error (exit 2, one line), not a wait for its lost part."""
     import subprocess
     import sys
     import time
@@ -379,10 +380,15 @@ def test_a_stopped_or_killed_analyze_leaves_no_worker_behind(many_big_runs: list
     while len(workers := _children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(workers) == 2, "the workers never started"
-    proc.send_signal(sig)
+    if stop == "kill a worker":
+        os.kill(workers[0], signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGINT if stop == "ctrl-c" else signal.SIGKILL)
     _, err = proc.communicate(timeout=30)
-    if sig == signal.SIGINT:
+    if stop == "ctrl-c":
         assert proc.returncode == 130 and err.strip() == "kernelrl analyze: interrupted"
+    elif stop == "kill a worker":
+        assert proc.returncode == 2 and err.strip().startswith("kernelrl analyze: a worker process died")
     deadline = time.monotonic() + 10
     while any(map(_alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.05)

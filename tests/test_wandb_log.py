@@ -156,6 +156,22 @@ def test_the_table_keeps_the_turns_of_the_first_dialogues_after_each_step_only()
     assert [sorted(sample.finished(t) or {}) for t in ("g3-s0", "g4-s0", "g5-s0", "g6-s0")] == [[0, 1], [0, 1], [], [0]]
 
 
+def test_the_table_chooses_dialogues_at_their_first_turn_whatever_is_in_flight() -> None:
+    sample = TableSample(per_step=2)
+    turns = {g: generator_dialogue([MISMATCH, MISMATCH], group_id=g)[0] for g in "abcde"}
+    for g in "abcd":  # four dialogues start: a and b are this step's two
+        sample.turn(turns[g][0])
+    sample.next_step()
+    for ev in (turns["c"][1], turns["d"][1], turns["e"][0], turns["e"][1]):  # c and d started before: never half-kept
+        sample.turn(ev)
+    assert [sorted(sample.finished(f"{g}-s0") or {}) for g in "abcde"] == [[0], [0], [], [], [0, 1]]
+    retried = generator_dialogue([MISMATCH, MISMATCH], group_id="f")[0]
+    sample.turn(retried[0])
+    sample.turn(retried[1])
+    sample.turn(msgspec.structs.replace(retried[0], event_id="f-again"))  # the request is run again from turn 0
+    assert sorted(sample.finished("f-s0") or {}) == [0]
+
+
 def test_the_wandb_run_id_is_kept_with_the_logs_and_new_for_new_logs(tmp_path: Path) -> None:
     first, again, reused = tmp_path / "runs" / "a" / "logs", tmp_path / "runs" / "a" / "logs", tmp_path / "again" / "logs"
     for d in (first, reused):
