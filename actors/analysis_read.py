@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, NamedTuple, TypeVar
 import msgspec
 
 from kernelrl.actors.analysis import Analysis, RunStats, StepTrend, progression_marks
-from kernelrl.actors.analysis_workers import WorkerDied, can_fork, default_jobs, in_workers, interrupted_by_ctrl_c
+from kernelrl.actors.analysis_workers import WorkerDied, can_fork, default_jobs, in_workers
 from kernelrl.core.config import RewardConfig
 from kernelrl.core.subjects import EVAL_GROUP_PREFIX
 
@@ -259,15 +259,6 @@ def read_part(log_dir: Path, part: LogPart, reward: RewardConfig, top_n: int, na
     return stats
 
 
-def read_run(log_dir: Path, reward: RewardConfig, top_n: int = 5, name: str | None = None) -> RunStats:
-    """Stream one run's log files into a ``RunStats``, in this process."""
-    name = name or run_name(log_dir)
-    stats = RunStats(name, [str(log_dir)], reward, top_n)
-    for part in plan_parts(log_dir, jobs=1):
-        stats.merge(read_part(log_dir, part, reward, top_n, name))
-    return stats
-
-
 def _read_turns(stats: RunStats, path: Path, bad: list[int], start: int, end: int) -> None:
     add, records = stats.add_turn, stats.records
     for rows in stream_records(path, msgspec.json.Decoder(TurnRow), bad, start=start, end=end):
@@ -380,9 +371,8 @@ def _read_plans(plans: list[tuple[Path, str, RewardConfig, list[LogPart]]], top_
     order = [i for i, (*_, parts) in enumerate(plans) for _ in parts]
     jobs_in_order = [(d, part, reward, top_n, name) for d, name, reward, parts in plans for part in parts]
     try:
-        with interrupted_by_ctrl_c():
-            for i, part_stats in zip(order, in_workers(read_part, jobs_in_order, workers), strict=True):
-                runs[i].merge(part_stats)
+        for i, part_stats in zip(order, in_workers(read_part, jobs_in_order, workers), strict=True):
+            runs[i].merge(part_stats)
     except WorkerDied as exc:
         raise AnalysisError(str(exc)) from None
     return runs

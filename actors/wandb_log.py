@@ -336,23 +336,23 @@ class WandbSink:
             self.run.define_metric(f"{kind}/step")
             self.run.define_metric(f"{kind}/*", step_metric=f"{kind}/step")
 
-    def table(self, trajectories: Sequence[m.TrajectoryEvent], turns: Mapping[str, Mapping[int, TurnText]]) -> Any:
-        data = [trajectory_row(i, ev, self.max_turns, self.reward, turns.get(ev.trajectory_id))
-                for i, ev in enumerate(trajectories)]  # fmt: skip
+    def table(self, rows: Sequence[tuple[m.TrajectoryEvent, Mapping[int, TurnText]]]) -> Any:
+        """A ``full_trajectories`` table of these trajectories, each with its turn records."""
+        data = [trajectory_row(i, ev, self.max_turns, self.reward, turns) for i, (ev, turns) in enumerate(rows)]
         return self.wandb.Table(columns=table_columns(self.max_turns), data=data)
 
-    def log_step(self, ev: m.StepSummary, trajectories: Sequence[m.TrajectoryEvent] = (),
-                 turns: Mapping[str, Mapping[int, TurnText]] | None = None) -> None:  # fmt: skip
+    def log_step(self, ev: m.StepSummary, rows: Sequence[tuple[m.TrajectoryEvent, Mapping[int, TurnText]]] = ()) -> None:
         data: dict[str, Any] = dict(step_metrics(ev))
-        if trajectories:
-            data[TABLE] = self.table(trajectories, turns or {})
+        if rows:
+            data[TABLE] = self.table(rows)
         self.run.log(data)
 
     def log_eval(self, ev: m.EvalSummary, trajectories: Sequence[m.TrajectoryEvent] = (),
                  turns: Iterable[m.TurnEvent] = ()) -> None:  # fmt: skip
         data: dict[str, Any] = dict(eval_metrics(ev))
         if trajectories:
-            data[TABLE] = self.table(trajectories, turns_by_trajectory(turns))
+            by_id = turns_by_trajectory(turns)
+            data[TABLE] = self.table([(t, by_id.get(t.trajectory_id, {})) for t in trajectories])
         self.run.log(data)
 
     def observe(self, msg: m.Message) -> None:
@@ -368,7 +368,7 @@ class WandbSink:
             case m.StepSummary():
                 pending, self._pending = self._pending, []
                 self.sample.next_step()
-                self.log_step(msg, [ev for ev, _ in pending], {ev.trajectory_id: turns for ev, turns in pending})
+                self.log_step(msg, pending)
             case m.EvalSummary():
                 self.log_eval(msg)
 
