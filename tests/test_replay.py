@@ -37,7 +37,7 @@ def replay_cmd(*args: str) -> list[str]:
 
 
 async def run_cmd(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(subprocess.run, argv, cwd=cwd, env=command_env(), capture_output=True, text=True, timeout=300)
+    return await asyncio.to_thread(subprocess.run, argv, cwd=cwd, env=command_env(), capture_output=True, text=True, timeout=600)
 
 
 def turn(event_id: str, code: str, logged: m.EvalResult, problem: str = RELU.id, turn_idx: int = 0) -> bytes:
@@ -92,11 +92,15 @@ async def test_replay_to_eval_reports_exactly_the_verdicts_an_older_rule_got_wro
         + turn("never-judged", CORRECT, m.EvalResult(error_kind="eval_timeout"))  # no verdict then: nothing to compare
         + b'{"event_id": "torn", "turn_da\n'
     )
-    spawn("evaluator", "--nats", nats_server.url, "--run", run_id, "--time-limit", "30", stdout=subprocess.DEVNULL)
+    evaluator_log = tmp_path / "evaluator.log"
+    with evaluator_log.open("w") as log:  # kept for the failure message: a lost verdict should say why
+        spawn("evaluator", "--nats", nats_server.url, "--run", run_id, "--time-limit", "30", stdout=log)
     output = tmp_path / "changes.jsonl"
+    # a verdict that never comes is an eval timeout in the summary, well before the command's own time runs out
     done = await run_cmd(replay_cmd(str(logs.parent), "--to", "eval", "--nats", nats_server.url, "--run", run_id,
-                                    "--replay-id", "r1", "--output", str(output), "--max-in-flight", "2"), tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+                                    "--replay-id", "r1", "--output", str(output), "--max-in-flight", "2",
+                                    "--eval-timeout", "200"), tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr + "\nevaluator:\n" + evaluator_log.read_text()[-5000:]
     lines = [orjson.loads(line) for line in output.read_bytes().splitlines()]
     *changes, summary = lines
     by_event = {c["event_id"]: c for c in changes}
