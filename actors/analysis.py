@@ -205,6 +205,12 @@ class _OutcomeAcc:
         )
 
 
+def sampled_at_step(extra_info: object, policy_version: int) -> int:
+    """The step whose rollout round asked for the trajectory (``extra_info["step"]``), else its policy version."""
+    step = extra_info.get("step") if isinstance(extra_info, dict) else None
+    return step if type(step) is int else policy_version
+
+
 def progression_marks(correct: Iterable[bool]) -> str:
     """One mark per turn: ``✗✗✓``."""
     return "".join(CORRECT if c else WRONG for c in correct)

@@ -18,10 +18,10 @@ from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import msgspec
 
-from kernelrl.actors.analysis import Analysis, RunStats, StepTrend, progression_marks
+from kernelrl.actors.analysis import Analysis, RunStats, StepTrend, progression_marks, sampled_at_step
 from kernelrl.actors.analysis_workers import WorkerDied, can_fork, default_jobs, in_workers
 from kernelrl.core.config import RewardConfig
-from kernelrl.core.subjects import EVAL_GROUP_PREFIX
+from kernelrl.core.subjects import is_eval_group
 
 LOG_FILES = ("turns.jsonl", "trajectories.jsonl", "steps.jsonl")
 CHUNK_BYTES = 1 << 20
@@ -217,12 +217,6 @@ def run_name(log_dir: Path) -> str:
     return real.parent.name if real.name == "logs" else real.name
 
 
-def sampled_at_step(extra_info: Any, policy_version: int) -> int:
-    """The step whose rollout round asked for the trajectory (``extra_info["step"]``), else its policy version."""
-    step = extra_info.get("step") if isinstance(extra_info, dict) else None
-    return step if type(step) is int else policy_version
-
-
 def progression(history: Sequence[_Hist]) -> str:
     return progression_marks(h.eval_result.correctness for h in history)
 
@@ -263,7 +257,7 @@ def _read_turns(stats: RunStats, path: Path, bad: list[int], start: int, end: in
     add, records = stats.add_turn, stats.records
     for rows in stream_records(path, msgspec.json.Decoder(TurnRow), bad, start=start, end=end):
         for row in rows:
-            if row.group_id.startswith(EVAL_GROUP_PREFIX):
+            if is_eval_group(row.group_id):
                 records.eval_turns += 1
                 continue
             td = row.turn_data
@@ -275,7 +269,7 @@ def _read_trajectories(stats: RunStats, path: Path, bad: list[int], start: int, 
     add, run, records = stats.add_trajectory, stats.name, stats.records
     for rows in stream_records(path, msgspec.json.Decoder(TrajectoryRow), bad, start=start, end=end):
         for row in rows:
-            if row.group_id.startswith(EVAL_GROUP_PREFIX):
+            if is_eval_group(row.group_id):
                 records.eval_trajectories += 1
                 continue
             rewards = row.turn_rewards
@@ -368,11 +362,11 @@ def _read_plans(plans: list[tuple[Path, str, RewardConfig, list[LogPart]]], top_
             for part in parts:
                 stats.merge(read_part(log_dir, part, reward, top_n, name))
         return runs
-    order = [i for i, (*_, parts) in enumerate(plans) for _ in parts]
-    jobs_in_order = [(d, part, reward, top_n, name) for d, name, reward, parts in plans for part in parts]
+    part_jobs = [(d, part, reward, top_n, name) for d, name, reward, parts in plans for part in parts]
+    run_of_job = [stats for stats, (*_, parts) in zip(runs, plans, strict=True) for _ in parts]
     try:
-        for i, part_stats in zip(order, in_workers(read_part, jobs_in_order, workers), strict=True):
-            runs[i].merge(part_stats)
+        for stats, part_stats in zip(run_of_job, in_workers(read_part, part_jobs, workers), strict=True):
+            stats.merge(part_stats)
     except WorkerDied as exc:
         raise AnalysisError(str(exc)) from None
     return runs

@@ -190,7 +190,7 @@ class BufferActor:
             self.core.skip(seq)
             return
         outcome = self.core.add_trajectory(event, seq)
-        if outcome not in ("member", "replayed") and not event.group_id.startswith(s.EVAL_GROUP_PREFIX):
+        if outcome not in ("member", "replayed") and not s.is_eval_group(event.group_id):
             log.warning("trajectory %s (group %s, sequence %d) ignored: %s", event.trajectory_id, event.group_id, seq, outcome)
 
     def _progress(self) -> tuple[int, int, int, bool]:

@@ -29,9 +29,10 @@ from typing import IO, Any
 
 import msgspec
 
+from kernelrl.actors.analysis import sampled_at_step
 from kernelrl.core.config import RewardConfig
 from kernelrl.core.messages import ChatMessage, EvalResult
-from kernelrl.core.subjects import EVAL_GROUP_PREFIX
+from kernelrl.core.subjects import is_eval_group
 
 CHUNK_LINES = 1000  # turn bodies per data tag: a page parses one chunk's text when a row in it is opened
 PAGE_SIZE = 100  # table rows per page
@@ -371,7 +372,7 @@ def build_report(logs: Path, output: Path, reward: RewardConfig | None = None, p
                 key = _key(turn.trajectory_id, turn.group_id, turn.instance_id, turn.sample_idx, turn.event_id)
                 p = pending.get(key)
                 if p is None:
-                    held_out = turn.group_id.startswith(EVAL_GROUP_PREFIX)
+                    held_out = is_eval_group(turn.group_id)
                     p = pending[key] = _Pending(turn.instance_id, turn.policy_version, turn.sample_idx, {}, held_out)
                 if turn.turn_idx in p.turns:
                     stats.duplicates += 1
@@ -404,7 +405,7 @@ def build_report(logs: Path, output: Path, reward: RewardConfig | None = None, p
                 seen.add(key)
                 p = pending.pop(key, None)
                 logged = p.turns if p else {}
-                held_out = traj.group_id.startswith(EVAL_GROUP_PREFIX)
+                held_out = is_eval_group(traj.group_id)
                 lines: dict[int, int] = {i: v[0] for i, v in logged.items()}
                 kinds: dict[int, str] = {}
                 for h in traj.history:  # turns missing from turns.jsonl come from the trajectory's own history
@@ -420,8 +421,7 @@ def build_report(logs: Path, output: Path, reward: RewardConfig | None = None, p
                 for i, v in logged.items():
                     if v[1] >= 0 and i not in kinds:
                         kinds[i] = errors.table()[v[1]]
-                step = traj.extra_info.get("step")
-                step = step if isinstance(step, int) and not isinstance(step, bool) else traj.policy_version
+                step = sampled_at_step(traj.extra_info, traj.policy_version)
                 correct = traj.execution_details.final_correctness
                 ret = _finite(traj.aggregated_return, 0.0)
                 if not held_out:

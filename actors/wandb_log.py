@@ -42,7 +42,7 @@ import msgspec
 
 from kernelrl.core import messages as m
 from kernelrl.core.config import RewardConfig
-from kernelrl.core.subjects import EVAL_GROUP_PREFIX
+from kernelrl.core.subjects import is_eval_group
 
 INSTALL_HINT = "W&B logging needs the wandb package, which is not installed: pip install wandb (or pip install 'kernelrl[wandb]')"
 TABLE = "full_trajectories"
@@ -357,9 +357,9 @@ class WandbSink:
 
     def observe(self, msg: m.Message) -> None:
         match msg:
-            case m.TurnEvent() if not msg.group_id.startswith(EVAL_GROUP_PREFIX):
+            case m.TurnEvent() if not is_eval_group(msg.group_id):
                 self.sample.turn(msg)
-            case m.TrajectoryEvent() if not msg.group_id.startswith(EVAL_GROUP_PREFIX):
+            case m.TrajectoryEvent() if not is_eval_group(msg.group_id):
                 turns = self.sample.finished(msg.trajectory_id)
                 if not msg.trajectory_id:  # another producer's record: no turns to match, its messages only
                     turns = {}

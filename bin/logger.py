@@ -15,7 +15,7 @@ import msgspec
 
 from kernelrl.actors.logger import LoggerActor, RunLogFiles
 from kernelrl.actors.run_log import LogDirInUse, LogSyncError, LogWriteError
-from kernelrl.actors.wandb_log import WandbMissing, WandbSink
+from kernelrl.actors.wandb_log import WandbMissing, WandbSink, wandb_run_id
 from kernelrl.bin.common import add_config_arguments, add_setting_flag, command_main
 from kernelrl.core.actor import run_actor
 from kernelrl.core.config import Config, LoggerSettings
@@ -40,8 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def open_wandb(config: Config, settings: LoggerSettings) -> WandbSink | None:
     """The W&B run of these logs (its id kept beside them: a restarted logger continues it). W&B failing to start
     (no network in online mode, a bad project) costs the W&B view only: a warning, and the logger writes its files."""
-    from kernelrl.actors.wandb_log import WandbSink, wandb_run_id
-
     try:
         run_id = wandb_run_id(config.bus.run or "run", Path(settings.log_dir))
         return WandbSink(project=settings.wandb_project, run_name=config.bus.run, max_turns=config.reward.max_turns,

@@ -153,6 +153,13 @@ LEARNER_CONSUMER = "learner"
 
 POLICY_LATEST_KEY = "latest"
 EVAL_GROUP_PREFIX = "eval-"  # group ids of evaluation rollouts (``kernelrl eval``, the learner's eval_steps): never trained
+
+
+def is_eval_group(group_id: str) -> bool:
+    """A held-out evaluation rollout's group (never trained, left out of training summaries)."""
+    return group_id.startswith(EVAL_GROUP_PREFIX)
+
+
 BUFFER_STATE_KEY = "state"
 
 SUBJECT_TYPES: dict[str, type[m.Message]] = {
